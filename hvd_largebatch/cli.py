@@ -1,0 +1,41 @@
+"""The ``hvd-largebatch`` command line: one sub-command per module.
+
+Each entry of ``COMMANDS`` names a module that defines ``add_arguments(parser)`` and
+``run(args) -> int``; modules are imported only when their command runs, so that
+``hvd-largebatch plan`` does not pay for importing Horovod or DALI. ``add_arguments``
+is called for every command when the parser is built, so command modules keep heavy
+imports (torch, horovod, nvidia.dali) inside ``run``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> (module, one-line help)
+COMMANDS = {
+    "info": ("hvd_largebatch.info_cli", "print what was built and what Horovod supports"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hvd-largebatch",
+        description="Large-batch training over Horovod: FusedLARS, batch-size schedules, DALI.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.set_defaults(_module=module_name)
+        importlib.import_module(module_name).add_arguments(cmd)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(args._module)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
