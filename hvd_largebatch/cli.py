@@ -15,6 +15,8 @@ import sys
 # command name -> (module, one-line help)
 COMMANDS = {
     "info": ("hvd_largebatch.info_cli", "print what was built and what Horovod supports"),
+    "plan": ("hvd_largebatch.plan_cli", "print a schedule's phases, batches, lr, noise scale and updates"),
+    "prepare-data": ("hvd_largebatch.prepare_data_cli", "write the scikit-learn digits set as an image folder"),
 }
 
 
