@@ -1,0 +1,234 @@
+"""The PyTorch-facing DALI iterator: sampler indices -> encoded files -> DALI -> torch tensors.
+
+The loader reads the files of each micro-batch itself (in the DALI ``external_source`` callback,
+in iteration order), so it always knows which samples every DALI output holds: labels come
+straight from the index, and a failure is attributed to a file.
+
+Bad input (``DataError``, raised in the reading rank; the trainer turns it into a job abort so
+that the other ranks do not wait forever in their next allreduce):
+
+* a missing, unreadable or empty file: ``DataError`` naming it, raised while reading ahead (up to
+  ``prefetch_depth`` micro-batches before the one that holds it is due);
+* an image DALI cannot decode: DALI reports the batch; the loader re-checks the batch's files
+  with Pillow and raises ``DataError`` naming the corrupt one(s).
+
+With ``skip_bad_files=True`` such samples are dropped from their micro-batch instead (the batch
+is one sample smaller on that rank), logged once as a warning and recorded in ``skipped``
+(sample index -> reason); a decoding failure costs a pipeline rebuild.
+
+Reading happens on the calling thread while DALI's threads decode earlier batches. It costs
+~25 us per 100 KB file from the page cache, 2-2.5% of the CPU pipeline's time per image on the
+benchmark machine (``benchmarks/bench_data.py``), so parallel external_source worker processes
+would gain at most that and would compete with DALI's threads for the cores; they are not used.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections import deque
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from hvd_largebatch.data.sampler import GlobalSampler
+from hvd_largebatch.data.sources import FileIndex
+from hvd_largebatch.data.step_loader import TORCH_DTYPES, StepLoader, WorkItem
+from hvd_largebatch.data.transforms import ImageTransform
+from hvd_largebatch.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+def _pillow_decode_error(data: np.ndarray) -> str | None:
+    """Why Pillow cannot decode ``data``, or None if it can (used only after DALI failed)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as image:
+            image.load()
+    except Exception as e:  # noqa: BLE001 - any decoder failure is the answer
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+class DaliLoader(StepLoader):
+    """Training or validation images of one rank, decoded and augmented by DALI.
+
+    Args:
+        index: the files and labels (``FileIndex``), shared across epochs.
+        sampler: this rank's ``GlobalSampler`` over ``index`` (a validation sampler for
+            ``train=False``: ``GlobalSampler.for_validation``).
+        transform: sizes, augmentation, statistics, output dtype.
+        train: random resized crop + flip, else resize + center crop.
+        device_id: None for a CPU-only pipeline and CPU tensors; a CUDA device ordinal for GPU
+            decoding and CUDA tensors.
+        num_threads: DALI worker threads (default: the cores this process may use, at most 4).
+        micro_batches: micro-batches per iteration (gradient accumulation).
+        prefetch_depth: micro-batches DALI prepares ahead of the consumer.
+        seed: seeds the augmentations (combined with the rank, so ranks differ).
+        skip_bad_files: drop unreadable / undecodable samples instead of raising DataError.
+
+    The pipeline is built once for the largest micro-batch of the schedule and fed smaller or
+    larger ones as the schedule changes, so a batch-size change costs no rebuild.
+
+    The loader advances ``sampler``'s position: give each loader its own sampler (to read a
+    validation set again, ``sampler.seek(0, 0)`` or ask for another epoch number).
+    """
+
+    def __init__(self, index: FileIndex, sampler: GlobalSampler,
+                 transform: ImageTransform = ImageTransform(), *, train: bool = True,
+                 device_id: int | None = None, num_threads: int | None = None,
+                 micro_batches: int = 1, prefetch_depth: int = 2, seed: int = 0,
+                 skip_bad_files: bool = False):
+        super().__init__(sampler, micro_batches)
+        if len(index) != sampler.num_samples:
+            raise ConfigError("data.num_samples",
+                              f"the sampler is for {sampler.num_samples} samples but "
+                              f"{index.source} has {len(index)}")
+        if prefetch_depth < 1:
+            raise ConfigError("data.prefetch_depth", f"must be >= 1, got {prefetch_depth}")
+        self.index = index
+        self.transform = transform
+        self.train = bool(train)
+        self.device_id = device_id
+        self.num_threads = num_threads or min(4, len(os.sched_getaffinity(0)))
+        self.prefetch_depth = int(prefetch_depth)
+        self.skip_bad_files = bool(skip_bad_files)
+        self.skipped: dict[int, str] = {}
+        self._seed = (int(seed) * 1_000_003 + sampler.rank) % (2**31)
+        self._items: Iterator[WorkItem] | None = None
+        self._pending: deque[WorkItem] = deque()  # handed to DALI, output not yet taken
+        self._refeed: deque[WorkItem] = deque()  # to hand to DALI again after a rebuild
+        self._pipe = self._build()
+        self._idle = True  # no epoch in flight: the pipeline can start one
+
+    # -- DALI side ----------------------------------------------------------------------------
+    def _build(self):
+        from hvd_largebatch.data.pipelines import build_pipeline
+
+        return build_pipeline(self._next_encoded, self.transform, train=self.train,
+                              batch_size=self.max_micro_batch(), device_id=self.device_id,
+                              num_threads=self.num_threads, seed=self._seed,
+                              prefetch_depth=self.prefetch_depth)
+
+    def _next_encoded(self) -> list[np.ndarray]:
+        """external_source callback: the encoded files of the next non-empty micro-batch.
+
+        DALI refuses empty batches, so micro-batches left with no sample (a partial last batch
+        on more ranks than samples, or every sample skipped) are queued without a DALI run."""
+        while True:
+            item = self._refeed.popleft() if self._refeed else next(self._items)
+            encoded, kept = [], []
+            for i in item.indices:
+                i = int(i)
+                if i in self.skipped:
+                    continue
+                try:
+                    encoded.append(self.index.read(i))
+                except DataError as e:
+                    if not self.skip_bad_files:
+                        raise
+                    self._skip(i, str(e))
+                    continue
+                kept.append(i)
+            self._pending.append(item._replace(indices=np.asarray(kept, dtype=np.int64)))
+            if encoded:
+                return encoded
+
+    def _skip(self, i: int, reason: str) -> None:
+        self.skipped[i] = reason
+        log.warning("skipping sample %d (%d skipped so far): %s", i, len(self.skipped), reason)
+
+    def _recover(self, error: RuntimeError) -> None:
+        """DALI failed on one of the pending micro-batches: name the undecodable files (raise),
+        or in skip mode drop them, rebuild and hand the pending micro-batches over again."""
+        suspects = [int(i) for item in self._pending for i in item.indices]
+        bad = {}
+        for i in suspects:
+            reason = _pillow_decode_error(self.index.read(i))
+            if reason is not None:
+                bad[i] = f"{self.index.path(i)}: cannot decode sample {i} of {self.index.source} ({reason})"
+        if not bad:
+            names = ", ".join(self.index.path(i) for i in suspects[:4])
+            raise DataError(
+                f"DALI failed on a batch of {len(suspects)} files ({names}"
+                f"{', ...' if len(suspects) > 4 else ''}) that Pillow decodes: {error}") from error
+        if not self.skip_bad_files:
+            first = next(iter(bad.values()))
+            more = f" (and {len(bad) - 1} more undecodable files)" if len(bad) > 1 else ""
+            raise DataError(first + more) from error
+        for i, reason in bad.items():
+            self._skip(i, reason)
+        self._refeed.extend(self._pending)
+        self._pending.clear()
+        self._pipe = self._build()
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """Start the next iteration (the first call of an epoch starts ``prefetch_depth``)."""
+        try:
+            self._pipe.schedule_run()
+        except DataError:
+            raise
+        except RuntimeError as e:
+            self._recover(e)
+
+    # -- torch side ---------------------------------------------------------------------------
+    def _to_torch(self, images, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.from_numpy(self.index.labels[indices])
+        dtype = TORCH_DTYPES[self.transform.dtype]
+        if len(indices) == 0:
+            size = self.transform.crop_size
+            device = "cpu" if self.device_id is None else f"cuda:{self.device_id}"
+            return torch.empty((0, 3, size, size), dtype=dtype, device=device), labels.to(device)
+        if self.device_id is not None:
+            return _gpu_tensor(images, dtype, self.device_id), labels.to(f"cuda:{self.device_id}")
+        # A view of DALI's buffer, which the next outputs() call recycles: copy (or convert).
+        view = torch.from_numpy(np.asarray(images.as_tensor()))
+        return (view.to(dtype) if view.dtype != dtype else view.clone()), labels
+
+    def _produce(self, items):
+        if not self._idle:  # the last epoch was abandoned half-way: drop what is in flight
+            self._pending.clear()
+            self._refeed.clear()
+            self._pipe = self._build()
+        self._idle = False
+        self._items = items
+        self._schedule()
+        while True:
+            if self._pending and len(self._pending[0].indices) == 0:
+                item = self._pending.popleft()  # nothing to decode: no DALI output belongs to it
+                yield item, self._to_torch(None, item.indices)
+                continue
+            try:
+                (images,) = self._pipe.outputs()
+            except StopIteration:
+                break
+            except DataError:
+                raise
+            except RuntimeError as e:
+                self._recover(e)
+                continue
+            item = self._pending.popleft()
+            batch = self._to_torch(images, item.indices)
+            self._schedule()
+            yield item, batch
+        while self._pending:  # empty micro-batches queued after the last DALI run
+            item = self._pending.popleft()
+            yield item, self._to_torch(None, item.indices)
+        self._pipe.reset()
+        self._items = None
+        self._idle = True
+
+
+def _gpu_tensor(images, dtype: torch.dtype, device_id: int) -> torch.Tensor:
+    """Copy a DALI GPU batch into a new CUDA tensor on the current stream (GPU mode only)."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    dense = images.as_tensor()
+    out = torch.empty(dense.shape(), dtype=torch.float16 if dtype == torch.float16 else torch.float32,
+                      device=f"cuda:{device_id}")
+    feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device_id))
+    return out.to(dtype)

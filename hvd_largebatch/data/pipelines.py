@@ -1,0 +1,64 @@
+"""DALI pipeline definitions: encoded image bytes in, normalized NCHW batches out.
+
+The encoded bytes come from an ``external_source`` callback in batch mode, so every iteration may
+carry a different number of samples, up to the ``batch_size`` the pipeline is built for (the
+largest per-rank micro-batch of the schedule): a batch-size change needs no rebuild.
+
+``device_id=None`` builds a CPU-only pipeline (libjpeg-turbo decoding, CPU resize); an integer
+builds the GPU variant, which differs only in the decoder running as ``mixed`` (nvJPEG), after
+which DALI places the remaining operators on that GPU.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from hvd_largebatch.data.transforms import ImageTransform
+
+try:
+    from nvidia.dali import Pipeline, fn, types
+except ImportError as e:  # DALI is the optional "dali" extra
+    raise ImportError(
+        "the DALI input pipelines need NVIDIA DALI: pip install 'hvd-largebatch[dali]' "
+        f"(nvidia-dali-cuda130); import failed with: {e}") from e
+
+
+def build_pipeline(source: Callable[[], list], transform: ImageTransform, *, train: bool,
+                   batch_size: int, device_id: int | None, num_threads: int, seed: int,
+                   prefetch_depth: int = 2) -> Pipeline:
+    """Build (and return) the training or validation pipeline.
+
+    Args:
+        source: called once per iteration, returns a list of uint8 arrays (encoded files), at
+            most ``batch_size`` of them; raising StopIteration ends the epoch.
+        batch_size: the largest per-rank batch the pipeline will be fed.
+        seed: seeds DALI's augmentation random numbers (crop windows, flips).
+        prefetch_depth: iterations DALI runs ahead of the consumer.
+    """
+    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                    seed=seed, prefetch_queue_depth=prefetch_depth)
+    decoder_device = "cpu" if device_id is None else "mixed"
+    size = transform.crop_size
+    with pipe:
+        encoded = fn.external_source(source=source, batch=True, dtype=types.UINT8, ndim=1,
+                                     name="encoded")
+        if train:
+            images = fn.decoders.image_random_crop(
+                encoded, device=decoder_device, output_type=types.RGB,
+                random_area=list(transform.scale), random_aspect_ratio=list(transform.ratio),
+                num_attempts=10)
+            images = fn.resize(images, resize_x=size, resize_y=size,
+                               antialias=transform.train_antialias)
+            mirror = fn.random.coin_flip(probability=0.5) if transform.flip else 0
+            crop = {}
+        else:
+            images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
+            images = fn.resize(images, resize_shorter=transform.resize_shorter, antialias=True)
+            mirror = 0
+            crop = {"crop": (size, size), "crop_pos_x": 0.5, "crop_pos_y": 0.5}
+        images = fn.crop_mirror_normalize(
+            images, mirror=mirror, output_layout="CHW",
+            mean=[255.0 * m for m in transform.mean], std=[255.0 * s for s in transform.std],
+            dtype=types.FLOAT16 if transform.dtype == "float16" else types.FLOAT, **crop)
+        pipe.set_outputs(images)
+    pipe.build()
+    return pipe

@@ -1,0 +1,40 @@
+"""Synthetic input: random images with no decoding, for throughput and scaling measurements.
+
+It follows the sampler exactly like the DALI loader (same iterations, batch sizes, micro-batches
+and resume position), so a synthetic run has the schedule's batch sizes and step counts.
+"""
+from __future__ import annotations
+
+import torch
+
+from hvd_largebatch.data.sampler import GlobalSampler
+from hvd_largebatch.data.step_loader import TORCH_DTYPES, StepLoader
+from hvd_largebatch.errors import ConfigError
+
+
+class SyntheticLoader(StepLoader):
+    """Yields ``(images, labels)`` per micro-batch without touching any file.
+
+    ``images`` are the first ``n`` rows of one random N(0, 1) tensor made once at the largest
+    micro-batch size (a view: do not modify it in place); ``labels`` are ``index % num_classes``
+    of the samples the sampler chose, int64. Both live on ``device``.
+    """
+
+    def __init__(self, sampler: GlobalSampler, *, image_shape: tuple[int, int, int] = (3, 224, 224),
+                 num_classes: int = 1000, dtype: str = "float32", device: str | torch.device = "cpu",
+                 micro_batches: int = 1, seed: int = 0):
+        super().__init__(sampler, micro_batches)
+        if dtype not in TORCH_DTYPES:
+            raise ConfigError("data.dtype", f"must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
+        if num_classes < 1:
+            raise ConfigError("model.num_classes", f"must be >= 1, got {num_classes}")
+        generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + sampler.rank)
+        images = torch.randn((self.max_micro_batch(), *image_shape), generator=generator)
+        self.device = torch.device(device)
+        self.num_classes = int(num_classes)
+        self._images = images.to(device=self.device, dtype=TORCH_DTYPES[dtype])
+
+    def _produce(self, items):
+        for item in items:
+            labels = torch.from_numpy(item.indices % self.num_classes).to(self.device)
+            yield item, (self._images[:len(item.indices)], labels)
