@@ -3,16 +3,20 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hvd-largebatch-installed
-NATIVE_SOURCES := $(wildcard csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.cuh)
+NATIVE_SOURCES := $(wildcard csrc/*.h csrc/*/*.h csrc/*/*.cuh csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cpp)
 PYTEST_ARGS ?=
 
-.PHONY: install test bench clean distclean
+.PHONY: install run test bench clean distclean
 
 install: $(STAMP)
 
 # the stamp is written by install.sh only after every step succeeded
 $(STAMP): scripts/install.sh setup.py pyproject.toml $(NATIVE_SOURCES)
 	bash scripts/install.sh
+
+# the demo: Smith et al.'s schedules on scikit-learn's digits, 2 Horovod ranks (hvd_largebatch/demo.py)
+run: install
+	$(PY) -m hvd_largebatch.cli demo
 
 test: install
 	$(PY) -m pytest -q --timeout=600 $(PYTEST_ARGS) tests

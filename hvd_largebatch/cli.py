@@ -17,6 +17,9 @@ COMMANDS = {
     "info": ("hvd_largebatch.info_cli", "print what was built and what Horovod supports"),
     "plan": ("hvd_largebatch.plan_cli", "print a schedule's phases, batches, lr, noise scale and updates"),
     "prepare-data": ("hvd_largebatch.prepare_data_cli", "write the scikit-learn digits set as an image folder"),
+    "train": ("hvd_largebatch.train_cli", "train a model from a YAML config on the ranks of a Horovod job"),
+    "demo": ("hvd_largebatch.demo", "make run: Smith et al.'s three schedules on digits, 2 ranks"),
+    "launch": ("hvd_largebatch.jobs_cli", "check, print or submit a job template (mpirun, horovodrun, elastic, slurm, pbs, mpijob)"),
 }
 
 

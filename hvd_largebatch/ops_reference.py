@@ -34,7 +34,7 @@ def trust_ratio(w_sq: torch.Tensor, g_sq: torch.Tensor, wg: torch.Tensor | None,
                 weight_decay: float, trust_coefficient: float, eps: float, lars: bool,
                 denominator: str) -> torch.Tensor:
     """The layer-wise trust ratio from fp32 sums (0-dim tensors), 1 where LARS does not apply."""
-    one = torch.ones((), dtype=torch.float32)
+    one = torch.ones((), dtype=torch.float32, device=w_sq.device)
     if not lars:
         return one
     w_norm, g_norm = w_sq.sqrt(), g_sq.sqrt()
