@@ -133,7 +133,9 @@ def _loader(cfg: Config, data: DataSets, index: FileIndex | None, sampler: Globa
                                micro_batches=micro_batches, seed=seed)
     from hvd_largebatch.data import DaliLoader
 
-    return DaliLoader(index, sampler, image_transform(d, dtype), train=train,
-                      device_id=device.index if device.type == "cuda" else None,
+    device_id = None  # CPU pipeline; on a GPU, the rank's device (torch.device("cuda") has no index)
+    if device.type == "cuda":
+        device_id = device.index if device.index is not None else torch.cuda.current_device()
+    return DaliLoader(index, sampler, image_transform(d, dtype), train=train, device_id=device_id,
                       num_threads=d.workers, micro_batches=micro_batches,
                       prefetch_depth=d.prefetch, seed=seed, skip_bad_files=d.skip_bad_files)
