@@ -128,3 +128,21 @@ hl_preflight() {
     hl_step timeout "$PREFLIGHT_TIMEOUT" "$@" "${PREFLIGHT_CMD[@]}" \
         || hl_die "pre-flight allreduce failed or hung (more than ${PREFLIGHT_TIMEOUT} s); not starting the job"
 }
+
+# The launcher's host arguments from HOSTFILE or HOSTS (or localhost for one node), in host_args,
+# and the matching `launch --check` arguments in check_args (both arrays, set for the caller).
+hl_host_args() {
+    HOSTFILE="${HOSTFILE:-}"
+    HOSTS="${HOSTS:-}"
+    host_args=()
+    check_args=()
+    if [[ -n "$HOSTFILE" ]]; then
+        host_args=(-hostfile "$HOSTFILE")
+        check_args=(--hostfile "$HOSTFILE")
+    elif [[ -n "$HOSTS" ]]; then
+        host_args=(-H "$HOSTS")
+        check_args=(--hosts "$HOSTS")
+    elif ((NODES == 1)); then
+        host_args=(-H "localhost:$GPUS_PER_NODE")
+    fi
+}

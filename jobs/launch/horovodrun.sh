@@ -16,19 +16,7 @@ JOBS_DIR="${JOBS_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 source "$JOBS_DIR/launch/common.sh"
 hl_settings
 
-HOSTFILE="${HOSTFILE:-}"
-HOSTS="${HOSTS:-}"
-host_args=()
-check_args=()
-if [[ -n "$HOSTFILE" ]]; then
-    host_args=(-hostfile "$HOSTFILE")
-    check_args=(--hostfile "$HOSTFILE")
-elif [[ -n "$HOSTS" ]]; then
-    host_args=(-H "$HOSTS")
-    check_args=(--hosts "$HOSTS")
-elif ((NODES == 1)); then
-    host_args=(-H "localhost:$GPUS_PER_NODE")
-fi
+hl_host_args
 read -r -a extra_args <<< "${HOROVODRUN_ARGS:-}"
 
 hl_check horovodrun "${check_args[@]}"
