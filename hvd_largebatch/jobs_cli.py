@@ -171,7 +171,7 @@ def check_job(spec: JobSpec) -> JobCheck:
     if spec.launcher in ("mpirun", "horovodrun"):
         job.notes += check_hosts(spec)
     if spec.launcher == "elastic":
-        check_elastic(spec, schedule)
+        check_elastic(spec, cfg, schedule)
     return job
 
 
@@ -285,20 +285,10 @@ def check_hosts(spec: JobSpec) -> list[str]:
     return [f"hosts: {', '.join(slots)}"]
 
 
-def trainer_supports_elastic() -> bool:
-    """Whether ``hvd-largebatch train`` takes ``--elastic`` (runs under ``hvd.elastic.run``)."""
-    from hvd_largebatch import train_cli
-
-    parser = argparse.ArgumentParser(add_help=False)
-    train_cli.add_arguments(parser)
-    _, unknown = parser.parse_known_args(["config.yaml", "--elastic"])
-    return not unknown
-
-
-def check_elastic(spec: JobSpec, schedule) -> None:
+def check_elastic(spec: JobSpec, cfg, schedule) -> None:
     """Every world size an elastic job can reach (``min_nodes`` .. ``max_nodes`` nodes of
-    ``gpus_per_node`` ranks) must divide every global batch, and the trainer must support
-    Horovod elastic."""
+    ``gpus_per_node`` ranks) must divide every global batch, and the config must run elastic
+    (replicated optimizer state: see :mod:`hvd_largebatch.train_elastic`)."""
     from hvd_largebatch.errors import ConfigError
 
     low = spec.min_nodes if spec.min_nodes is not None else spec.nodes
@@ -313,12 +303,10 @@ def check_elastic(spec: JobSpec, schedule) -> None:
         raise ConfigError("--min-nodes", f"the job may shrink or grow to world sizes "
                           f"{', '.join(map(str, bad))}, which do not divide every global batch "
                           f"({', '.join(map(str, batches))}); narrow --min-nodes/--max-nodes")
-    if not trainer_supports_elastic():
-        raise ConfigError("launch elastic", "`hvd-largebatch train` has no --elastic option: "
-                          "the trainer does not run under hvd.elastic yet (it needs "
-                          "hvd.elastic.run, a committed TorchState and reset callbacks that "
-                          "re-shard the data); use the horovodrun or mpirun launcher, which "
-                          "resume from the last checkpoint when resubmitted")
+    from hvd_largebatch.train_elastic import check_elastic as check_trainer_elastic
+
+    # the config half of the trainer's own check; the job itself sets HOROVOD_ELASTIC
+    check_trainer_elastic(cfg, environ={"HOROVOD_ELASTIC": "1"})
 
 
 # -- rendering ---------------------------------------------------------------------------------

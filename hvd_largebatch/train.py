@@ -54,8 +54,10 @@ _PRECISION_DTYPES = {"bf16": torch.bfloat16}
 _INPUT_DTYPE = "float32"
 
 
-def train(cfg: Config, *, resume: str | None = None, synthetic: bool = False) -> dict:
-    """Run ``cfg`` on the ranks of this Horovod job (a single process works too).
+def train(cfg: Config, *, resume: str | None = None, synthetic: bool = False,
+          elastic: bool = False) -> dict:
+    """Run ``cfg`` on the ranks of this Horovod job (a single process works too); with
+    ``elastic``, under Horovod elastic (see ``hvd_largebatch.train_elastic``).
 
     Returns the run's summary (also written to ``<output.dir>/summary.json`` by rank 0).
     Raises ``SetupError`` on every rank, before the first step, when the config, the data, the
@@ -64,12 +66,21 @@ def train(cfg: Config, *, resume: str | None = None, synthetic: bool = False) ->
     import horovod.torch as hvd
 
     hvd.init()
+    if elastic:
+        from hvd_largebatch.train_elastic import fit_elastic
+
+        return fit_elastic(cfg, resume=resume, synthetic=synthetic)
+    return Trainer(agreed_run(cfg, hvd, resume=resume, synthetic=synthetic), hvd).fit()
+
+
+def agreed_run(cfg: Config, hvd, *, resume: str | None, synthetic: bool) -> Run:
+    """The checked run on this rank, agreed by all ranks (collective; ``SetupError`` on every
+    rank when any fails)."""
     if cfg.data.source == "digits" and not synthetic:
         agree(hvd, lambda: prepare_digits(cfg.data) if hvd.rank() == 0 else None, "writing digits")
-    run = agree(hvd, lambda: setup_run(cfg, resume=resume, synthetic=synthetic,
-                                       world_size=hvd.size(), rank=hvd.rank(),
-                                       local_rank=hvd.local_rank()))
-    return Trainer(run, hvd).fit()
+    return agree(hvd, lambda: setup_run(cfg, resume=resume, synthetic=synthetic,
+                                        world_size=hvd.size(), rank=hvd.rank(),
+                                        local_rank=hvd.local_rank()))
 
 
 class Trainer:
@@ -109,6 +120,7 @@ class Trainer:
         self._last_point = point
         self._last_k = run.micro_batches[point.phase]
         self.logger = None
+        self.on_save = None  # called by every rank after every checkpoint (elastic: commit)
         if self.is_root:
             self._prepare_output()
             if run.checkpoint is not None:
@@ -165,6 +177,15 @@ class Trainer:
         state = self.state_dict()
         if self.is_root:
             save_checkpoint(state, os.path.join(self.cfg.output.dir, CHECKPOINT_NAME))
+        if self.on_save is not None:
+            self.on_save()
+
+    def release(self) -> None:
+        """Close the loader and the metrics file (this trainer will not be used again)."""
+        self._close_loader()
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict:

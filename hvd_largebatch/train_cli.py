@@ -1,4 +1,5 @@
-"""``hvd-largebatch train CONFIG.yaml [--set key=value ...] [--resume PATH|auto] [--synthetic]``.
+"""``hvd-largebatch train CONFIG.yaml [--set key=value ...] [--resume PATH|auto] [--synthetic]
+[--elastic]``.
 
 Run it on every rank of a Horovod job (``horovodrun -np 8 hvd-largebatch train job.yaml`` or
 ``mpirun ... hvd-largebatch train job.yaml``), or as one process without a launcher.
@@ -35,6 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rehearse the job on random data at tiny scale (few iterations, "
                              "batches scaled down, same schedule shape; see "
                              "hvd_largebatch/rehearsal.py); writes to <output.dir>-synthetic")
+    parser.add_argument("--elastic", action="store_true",
+                        help="run under Horovod elastic (horovodrun --gloo --min-np/--max-np "
+                             "--host-discovery-script): survive lost or added hosts by rolling "
+                             "back to the state committed with the last checkpoint; needs "
+                             "optimizer.shard_optimizer_state=false")
 
 
 def launcher_rank() -> int:
@@ -52,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.elastic:
+            from hvd_largebatch.train_elastic import check_elastic
+
+            check_elastic(cfg)
     except ConfigError as e:  # before hvd.init: every rank fails alike, on its own
         return _fail(e, wait=True)
 
@@ -59,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from hvd_largebatch.train_setup import SetupError
 
     try:
-        summary = train(cfg, resume=args.resume, synthetic=args.synthetic)
+        summary = train(cfg, resume=args.resume, synthetic=args.synthetic, elastic=args.elastic)
     except SetupError as e:  # agreed by all ranks; Horovod's shutdown keeps them together
         return _fail(e, wait=False)
     except BaseException:  # noqa: BLE001 - a rank failed mid-training: end the job now

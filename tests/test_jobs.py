@@ -22,7 +22,7 @@ import yaml
 from hvd_largebatch.cli import main as cli_main
 from hvd_largebatch.config import build_schedule, load_config
 from hvd_largebatch.errors import ConfigError, DataError
-from hvd_largebatch.jobs_cli import JobSpec, check_job, trainer_supports_elastic
+from hvd_largebatch.jobs_cli import JobSpec, check_job
 from hvd_largebatch.models import build_model
 from hvd_largebatch.rehearsal import rehearsal_schedule
 from launch import REPO, ROOT_ENV, run_ranks
@@ -387,10 +387,12 @@ def test_launch_elastic_dry_run_checks_the_trainer_and_the_world_sizes(capsys):
     # 1 or 2 nodes (8, 16 ranks) both divide 8192
     rc, out, err = launch(capsys, "elastic", GOYAL, "--data-remote", "--nodes", "2",
                           "--min-nodes", "1", "--dry-run")
-    if trainer_supports_elastic():
-        assert rc == 0 and "--min-np 8 --max-np 16" in out
-    else:
-        assert rc == 2 and "has no --elastic option" in err and "horovodrun or mpirun" in err
+    assert rc == 0 and "--min-np 8 --max-np 16" in out
+    # sharded optimizer state cannot survive the loss of a host: refused at check time
+    rc, out, err = launch(capsys, "elastic", GOYAL, "--data-remote", "--nodes", "2",
+                          "--min-nodes", "1", "--set", "optimizer.shard_optimizer_state=true",
+                          "--dry-run")
+    assert rc == 2 and "optimizer.shard_optimizer_state: must be false with --elastic" in err
 
 
 def test_launch_reports_gradient_accumulation_when_the_per_gpu_batch_is_too_big(capsys):

@@ -5,15 +5,13 @@
 #   ELASTIC_HOSTS_FILE=/shared/hosts.txt NODES=32 MIN_NODES=16 MAX_NODES=32 \
 #       CONFIG=jobs/configs/goyal_1h_resnet50.yaml bash jobs/launch/horovodrun_elastic.sh
 #
-# What elastic training requires of the trainer: the training loop inside hvd.elastic.run, its
-# model, optimizer and sampler position in an hvd.elastic.TorchState committed every few
-# iterations, and reset callbacks that re-shard the data and re-plan the per-rank batch for the
-# new world size; Gloo as the controller (horovodrun elastic uses it). When a host fails, the
-# surviving ranks roll back to the last commit and continue; without that support every rank
-# exits with the failed collective and horovodrun ends the job. `hvd-largebatch train` marks its
-# support with a --elastic option; the check refuses this template until it has one (see
-# jobs/README.md), so use horovodrun.sh or mpirun.sh, which resume from the last epoch's
-# checkpoint when resubmitted.
+# The trainer runs elastic with `train --elastic` (hvd_largebatch/train_elastic.py): the loop
+# runs inside hvd.elastic.run, its model, optimizer, schedule position and sampler position are
+# committed in memory at every checkpoint (train.checkpoint_every updates and each epoch end), and
+# after a host change every rank rebuilds its sampler, loaders, micro-batch plan and optimizer
+# wrapper for the new world size. When a host fails, the surviving ranks roll back to the last
+# commit and continue. Gloo is the controller; sharded optimizer state is refused (a lost host
+# takes its shard with it).
 #
 # World sizes: every phase's global batch must split over the ranks, so every world size
 # between MIN_NODES and MAX_NODES nodes (x GPUS_PER_NODE) must divide every global batch; the
