@@ -26,22 +26,29 @@ def launcher_command(launcher: str, np: int) -> list[str]:
     raise ValueError(f"unknown launcher {launcher!r}")
 
 
-def run_ranks(script: str | Path, *args: str, np: int = 2, launcher: str = "gloo",
-              timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``python script args...`` on ``np`` ranks; return the finished process (never hangs).
+def job_env(extra: dict | None = None) -> dict:
+    """The environment of a launched job: root allowed for Open MPI, one thread, this repo first."""
+    return {**os.environ, **ROOT_ENV, "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            **(extra or {})}
 
-    Raises ``AssertionError`` with the collected output when the job outlives ``timeout``.
-    """
-    full_env = {**os.environ, **ROOT_ENV, "OMP_NUM_THREADS": "1",
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-                **(env or {})}
-    cmd = [*launcher_command(launcher, np), sys.executable, str(script), *map(str, args)]
+
+def run_command(cmd: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a launcher command line to completion (output combined in ``.stdout``); kill its whole
+    process group and raise ``AssertionError`` with the output when it outlives ``timeout``."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=full_env, start_new_session=True)
+                            env=job_env(env), start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
         out, _ = proc.communicate()
-        raise AssertionError(f"{launcher} job {' '.join(cmd)} hung for {timeout}s:\n{out}")
+        raise AssertionError(f"job {' '.join(cmd)} hung for {timeout}s:\n{out}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def run_ranks(script: str | Path, *args: str, np: int = 2, launcher: str = "gloo",
+              timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python script args...`` on ``np`` ranks; return the finished process (never hangs)."""
+    cmd = [*launcher_command(launcher, np), sys.executable, str(script), *map(str, args)]
+    return run_command(cmd, timeout, env)

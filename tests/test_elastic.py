@@ -1,8 +1,6 @@
 """``hvd-largebatch train --elastic`` on real Horovod elastic ranks (horovodrun --gloo with a
 host-discovery script): the schedule followed step by step, a rolled-back failure that ends
 with the same weights as an uninterrupted run, and the config / launcher errors."""
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +12,7 @@ from hvd_largebatch.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from hvd_largebatch.errors import ConfigError
 from hvd_largebatch.metrics import read_metrics
 from hvd_largebatch.schedules import from_config
-from launch import BIN, REPO, ROOT_ENV
+from launch import BIN, REPO, run_command
 
 MP = Path(__file__).parent / "mp"
 CLI = REPO / "hvd_largebatch" / "cli.py"
@@ -52,17 +50,8 @@ def run_elastic(tmp_path: Path, script: Path, *args: str, timeout: float = 60):
     cmd = [str(BIN / "horovodrun"), "-np", "2", "--min-np", "1", "--max-np", "2",
            "--host-discovery-script", str(discover), "--network-interface", "lo", "--gloo",
            sys.executable, str(script), *args, "--elastic"]
-    env = {**os.environ, **ROOT_ENV, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        out, _ = proc.communicate()
-        raise AssertionError(f"elastic job {' '.join(cmd)} hung for {timeout}s:\n{out}")
-    return proc.returncode, out
+    proc = run_command(cmd, timeout)
+    return proc.returncode, proc.stdout
 
 
 def train_rows(out: Path) -> list[dict]:
