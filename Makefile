@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): scripts/install.sh setup.py pyproject.toml $(NATIVE_SOURCES)
 	bash scripts/install.sh
 
-# the demo: Smith et al.'s schedules on scikit-learn's digits, 2 Horovod ranks (hvd_largebatch/demo.py)
+# the demo: Smith et al.'s schedules on scikit-learn's digits, 2 Horovod ranks (hvd_largebatch/training/demo.py)
 run: install
 	$(PY) -m hvd_largebatch.cli demo
 

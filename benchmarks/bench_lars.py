@@ -34,8 +34,8 @@ import time
 import torch
 
 from hvd_largebatch import FusedLARS, build_info, param_groups
+from hvd_largebatch.lars.reference import ReferenceLARS
 from hvd_largebatch.models import build_model
-from hvd_largebatch.ops_reference import ReferenceLARS
 
 HYPER = dict(lr=3.2, momentum=0.9, trust_coefficient=0.001)
 WEIGHT_DECAY = 5e-5

@@ -278,7 +278,7 @@ def model_options(name: str) -> dict[str, object]:
 
 def check_model_options(name: str, options: dict) -> None:
     """ConfigError naming ``model.options.<key>`` for an option model ``name`` does not take
-    (types are checked by ``hvd_largebatch.config`` against :func:`model_options` defaults)."""
+    (types are checked by ``hvd_largebatch.training.config`` against :func:`model_options` defaults)."""
     known = model_options(name)
     if name.startswith(TORCHVISION_PREFIX):
         return

@@ -169,7 +169,7 @@ logged "${PIP[@]}" install --no-build-isolation --no-deps -e "$ROOT"
   die "hvd_largebatch does not import after the build"
 
 STEP="Horovod build check"
-"$VENV/bin/python" -m hvd_largebatch.horovod_check || die "Horovod lacks a required component (see above)"
+"$VENV/bin/python" -m hvd_largebatch.distributed.horovod_check || die "Horovod lacks a required component (see above)"
 
 touch "$STAMP"
 say "done (log: $LOG)"

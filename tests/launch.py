@@ -11,8 +11,12 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+#: the per-rank scripts that the multi-process tests launch
+MP = Path(__file__).resolve().parent / "mp"
 BIN = Path(sys.executable).parent
 ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+#: ``python`` arguments that run the ``hvd-largebatch`` command line
+CLI = ("-m", "hvd_largebatch.cli")
 
 
 def launcher_command(launcher: str, np: int) -> list[str]:
@@ -49,6 +53,7 @@ def run_command(cmd: list[str], timeout: float, env: dict | None = None) -> subp
 
 def run_ranks(script: str | Path, *args: str, np: int = 2, launcher: str = "gloo",
               timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``python script args...`` on ``np`` ranks; return the finished process (never hangs)."""
+    """Run ``python script args...`` on ``np`` ranks (``script`` may be ``"-m"``, followed by a
+    module in ``args``); return the finished process (never hangs)."""
     cmd = [*launcher_command(launcher, np), sys.executable, str(script), *map(str, args)]
     return run_command(cmd, timeout, env)

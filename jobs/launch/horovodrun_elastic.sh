@@ -5,7 +5,7 @@
 #   ELASTIC_HOSTS_FILE=/shared/hosts.txt NODES=32 MIN_NODES=16 MAX_NODES=32 \
 #       CONFIG=jobs/configs/goyal_1h_resnet50.yaml bash jobs/launch/horovodrun_elastic.sh
 #
-# The trainer runs elastic with `train --elastic` (hvd_largebatch/train_elastic.py): the loop
+# The trainer runs elastic with `train --elastic` (hvd_largebatch/training/elastic.py): the loop
 # runs inside hvd.elastic.run, its model, optimizer, schedule position and sampler position are
 # committed in memory at every checkpoint (train.checkpoint_every updates and each epoch end), and
 # after a host change every rank rebuilds its sampler, loaders, micro-batch plan and optimizer

@@ -1,4 +1,4 @@
-"""Per-rank script: ``train_setup.agree`` when only rank R fails (rank-dependent bad input).
+"""Per-rank script: ``training.setup.agree`` when only rank R fails (rank-dependent bad input).
 
 Usage: agree_failure.py R. Rank R raises DataError naming a file; every rank must then raise
 the same SetupError (naming rank R) instead of waiting, print it, and exit with status 2.
@@ -8,7 +8,7 @@ import sys
 import horovod.torch as hvd
 
 from hvd_largebatch.errors import DataError
-from hvd_largebatch.train_setup import SetupError, agree
+from hvd_largebatch.training.setup import SetupError, agree
 
 failing = int(sys.argv[1])
 hvd.init()

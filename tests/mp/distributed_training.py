@@ -3,7 +3,7 @@
 Checks, each printing ``RANK r/W <CHECK> OK <detail>`` (any failure raises, exiting non-zero):
 
 * ``TRAIN <variant>``: k steps of distributed LARS with global batch B equal k steps of
-  ReferenceLARS (ops_reference, one process) on the same B samples, in replicated and sharded mode
+  ReferenceLARS (lars.reference, one process) on the same B samples, in replicated and sharded mode
   (reduce-scatter, or allreduce exchange), with op=Average (per-rank mean loss) and op=Sum
   (per-rank sum / B), 1 or 2 micro-batches (set with set_backward_passes_per_step), both
   trust-ratio denominators; the lr changes every step, set by hand or by a torch LambdaLR driving
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from hvd_largebatch import DistributedOptimizer, FusedLARS, param_groups
-from hvd_largebatch.ops_reference import ReferenceLARS, trust_ratio
+from hvd_largebatch.lars.reference import ReferenceLARS, trust_ratio
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--save", default=None, help="write a sharded checkpoint (after TRAIN steps)")

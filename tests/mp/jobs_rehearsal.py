@@ -1,6 +1,6 @@
 """Per-rank script: rehearse several job configs (``train --synthetic``) in one Horovod job.
 
-Usage: jobs_rehearsal.py OUT_DIR CONFIG... Every config runs through ``hvd_largebatch.train``
+Usage: jobs_rehearsal.py OUT_DIR CONFIG... Every config runs through ``hvd_largebatch.training.trainer``
 with ``synthetic=True`` and the overrides in ``SMALL`` (a small model on 8x8 images, so that
 all of jobs/configs rehearse in seconds on CPU ranks); its outputs go to
 ``OUT_DIR/<config stem>-synthetic``. Rank 0 prints ``REHEARSED <config> <summary.json>`` per config.
@@ -11,8 +11,8 @@ import sys
 import horovod.torch as hvd
 import torch
 
-from hvd_largebatch.config import load_config
-from hvd_largebatch.train import train
+from hvd_largebatch.training.config import load_config
+from hvd_largebatch.training.trainer import train
 
 #: the swaps that make a rehearsal cheap; everything else (schedule, optimizer, train) is the config's
 SMALL = ["model.name=small_resnet", "model.options={width: 4, blocks: 1}", "data.image_size=8",

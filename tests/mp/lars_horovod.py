@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from hvd_largebatch import FusedLARS, param_groups
-from hvd_largebatch.ops_reference import ReferenceLARS
+from hvd_largebatch.lars.reference import ReferenceLARS
 
 STEPS = 6
 PER_RANK = 8

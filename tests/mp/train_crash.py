@@ -9,8 +9,8 @@ import os
 import signal
 import sys
 
-from hvd_largebatch import train as train_module
-from hvd_largebatch.cli import main
+from hvd_largebatch.cli.main import main
+from hvd_largebatch.training import trainer as train_module
 
 parser = argparse.ArgumentParser()
 parser.add_argument("crash_after", type=int)

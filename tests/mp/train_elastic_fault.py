@@ -16,8 +16,8 @@ from pathlib import Path
 
 from horovod.common.exceptions import HorovodInternalError
 
-from hvd_largebatch import train as train_module
-from hvd_largebatch.cli import main
+from hvd_largebatch.cli.main import main
+from hvd_largebatch.training import trainer as train_module
 
 SHRINK_WAIT_S = 2.5
 parser = argparse.ArgumentParser()

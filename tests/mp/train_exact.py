@@ -19,13 +19,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from hvd_largebatch.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from hvd_largebatch.config import load_config
 from hvd_largebatch.data import GlobalSampler
-from hvd_largebatch.inputs import image_transform
-from hvd_largebatch.optim import param_groups
-from hvd_largebatch.train import Trainer
-from hvd_largebatch.train_setup import setup_run
+from hvd_largebatch.lars.optimizer import param_groups
+from hvd_largebatch.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from hvd_largebatch.training.config import load_config
+from hvd_largebatch.training.setup import image_transform, setup_run
+from hvd_largebatch.training.trainer import Trainer
 
 torch.set_num_threads(1)
 hvd.init()

@@ -1,0 +1,145 @@
+"""``hvd-largebatch plan``: what a schedule will run, phase by phase, on a given world size.
+
+Takes a preset name or a YAML config file (its ``schedule:`` section; other top-level sections
+belong to other commands and are ignored) and prints, per phase: epochs, global and per-rank
+batch, gradient accumulation, lr range, momentum, Smith et al.'s noise scale and updates, then
+the totals. Two update counts are shown: the steps actually executed (following
+``Schedule.epoch_batches``: with drop_last, floor(N / B) per epoch) and the papers' count
+(epochs x N / B summed over phases), which is what papers report (Goyal 1 h: ~14,075).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="CONFIG_OR_PRESET",
+                        help="a preset name (goyal_1h, smith_30min, lars_32k, smith_wrn_*) or a "
+                             "YAML config file with a `schedule:` section")
+    parser.add_argument("--world-size", type=int, default=None, metavar="W",
+                        help="ranks (default: the recipe's `workers`, else 1)")
+    parser.add_argument("--dataset-size", type=int, default=None, metavar="N",
+                        help="training samples per epoch (default: the recipe's)")
+    accumulation = parser.add_mutually_exclusive_group()
+    accumulation.add_argument("--micro-batches", type=int, default=None, metavar="K",
+                              help="split every per-rank batch into K micro-batches")
+    accumulation.add_argument("--max-per-rank-batch", type=int, default=None, metavar="M",
+                              help="largest batch one rank can hold: accumulate over the fewest "
+                                   "equal micro-batches of at most M samples")
+    parser.add_argument("--format", choices=("table", "json"), default="table")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hvd_largebatch.errors import ConfigError
+
+    try:
+        schedule = _load(args.target)
+        if args.dataset_size is not None:
+            schedule = schedule.with_dataset_size(args.dataset_size)
+        plan = build_plan(schedule, args.world_size, args.micro_batches, args.max_per_rank_batch)
+    except (ConfigError, OSError) as exc:
+        print(f"hvd-largebatch plan: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan, indent=2) if args.format == "json" else format_table(plan))
+    return 0
+
+
+def _load(target: str):
+    """The schedule named by a preset or read from a YAML file's ``schedule:`` section."""
+    import yaml
+
+    from hvd_largebatch.errors import ConfigError
+    from hvd_largebatch.schedules import PRESETS, from_config, preset
+
+    if target in PRESETS:
+        return preset(target)
+    if not os.path.isfile(target):
+        raise ConfigError("schedule.preset", f"{target!r} is neither a preset "
+                          f"({', '.join(sorted(PRESETS))}) nor a config file")
+    with open(target, encoding="utf-8") as handle:
+        try:
+            document = yaml.safe_load(handle)
+        except yaml.YAMLError as exc:
+            raise ConfigError("schedule", f"{target}: not valid YAML ({exc})") from None
+    if not isinstance(document, dict) or document.get("schedule") is None:
+        raise ConfigError("schedule", f"{target} has no `schedule:` section")
+    return from_config(document["schedule"])
+
+
+def build_plan(schedule, world_size: int | None = None, micro_batches: int | None = None,
+               max_per_rank_batch: int | None = None) -> dict:
+    """The plan as a JSON-ready dict: totals and one entry per phase (batches are global
+    unless named per-rank; epochs are floats; noise scale at the phase's start and end lr).
+
+    Raises ``ConfigError`` when a global batch does not split over the ranks (and micro-batches).
+    """
+    from hvd_largebatch.schedules import accumulation_steps, noise_scale
+
+    world = world_size if world_size is not None else (schedule.workers or 1)
+    schedule.validate(world, micro_batches or 1)
+    n = schedule.dataset_size
+    phases = []
+    for k, p in enumerate(schedule.phases):
+        per_rank = p.global_batch // world
+        if max_per_rank_batch is not None:
+            micro = accumulation_steps(per_rank, max_per_rank_batch)
+        else:
+            micro = micro_batches or 1
+        phases.append({
+            "start_epoch": p.start_epoch, "end_epoch": p.end_epoch,
+            "global_batch": p.global_batch, "per_rank_batch": per_rank,
+            "micro_batches": micro, "micro_batch": per_rank // micro,
+            "lr_start": p.lr_start, "lr_end": p.lr_end, "lr_shape": p.shape,
+            "momentum": p.momentum,
+            "noise_scale": noise_scale(p.lr_start, p.global_batch, p.momentum, n),
+            "noise_scale_end": noise_scale(p.lr_end, p.global_batch, p.momentum, n),
+            "updates": schedule.phase_updates[k],
+            "nominal_updates": schedule.phase_nominal_updates[k],
+        })
+    return {
+        "name": schedule.name, "source": schedule.source, "dataset_size": n,
+        "drop_last": schedule.drop_last, "epochs": schedule.epochs, "nesterov": schedule.nesterov,
+        "workers": schedule.workers, "world_size": world,
+        "total_updates": schedule.total_updates, "nominal_updates": schedule.nominal_updates,
+        "phases": phases,
+    }
+
+
+def format_table(plan: dict) -> str:
+    """The plan as a human-readable table."""
+    assumed = f" (recipe assumes {plan['workers']})" if plan["workers"] else ""
+    lines = [
+        f"{plan['name'] or 'schedule'}" + (f": {plan['source']}" if plan["source"] else ""),
+        f"N = {plan['dataset_size']:,} samples, {plan['epochs']:g} epochs, drop_last="
+        f"{plan['drop_last']}, nesterov={plan['nesterov']}, world size {plan['world_size']}"
+        f"{assumed}",
+        "",
+    ]
+    header = ("phase", "epochs", "global B", "per-rank", "accum", "lr", "momentum",
+              "noise scale", "updates", "epochs*N/B")
+    rows = []
+    for k, p in enumerate(plan["phases"]):
+        lr = f"{p['lr_start']:.4g}"
+        noise = f"{p['noise_scale']:.4g}"
+        if p["lr_shape"] != "constant":
+            lr += f" -> {p['lr_end']:.4g} ({p['lr_shape']})"
+            noise += f" -> {p['noise_scale_end']:.4g}"
+        rows.append((str(k), f"{p['start_epoch']:g}-{p['end_epoch']:g}", f"{p['global_batch']:,}",
+                     f"{p['per_rank_batch']:,}", f"{p['micro_batches']} x {p['micro_batch']}",
+                     lr, f"{p['momentum']:g}", noise, f"{p['updates']:,}",
+                     f"{p['nominal_updates']:,.1f}"))
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    for row in [header, *rows]:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    lines += [
+        "",
+        f"updates executed: {plan['total_updates']:,} (what the trainer runs"
+        + (": each epoch's last partial batch is dropped)" if plan["drop_last"] else ")"),
+        f"updates in the papers' count (epochs x N / B): {round(plan['nominal_updates']):,} "
+        f"({plan['nominal_updates']:,.1f})",
+        "accum: micro-batches per rank x micro-batch size (gradient accumulation steps)",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,22 @@
+"""The LARS layer: FusedLARS (a ``torch.optim.Optimizer``), the native ops over tensor tables and
+their plain-PyTorch reference. It knows nothing of Horovod, data or training.
+
+* ``optimizer``: ``FusedLARS``, ``param_groups``;
+* ``ops``: ``sum_of_squares``, ``lars_sumsq``, ``lars_update_`` and ``TensorTable`` over the
+  native modules ``hvd_largebatch._C`` (C++/OpenMP) and ``_C_cuda`` (CUDA);
+* ``reference``: the same maths in PyTorch, the tests' oracle;
+* ``native``: ``build_info()``, what the native modules were built with.
+
+``FusedLARS`` and ``param_groups`` are loaded on first use (they import torch).
+"""
+from hvd_largebatch.lars.native import build_info
+
+__all__ = ["FusedLARS", "param_groups", "build_info"]
+
+
+def __getattr__(name):
+    if name in ("FusedLARS", "param_groups"):
+        from hvd_largebatch.lars import optimizer
+
+        return getattr(optimizer, name)
+    raise AttributeError(f"module 'hvd_largebatch.lars' has no attribute {name!r}")

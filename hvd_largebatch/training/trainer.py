@@ -1,0 +1,418 @@
+"""The training loop: one iteration at a time along the schedule, over Horovod ranks.
+
+Per iteration ``s`` of epoch ``e`` (``point = schedule.at(e, s)``):
+
+* every param group gets ``point.lr`` and ``point.momentum``;
+* the iteration's global batch ``B = point.global_batch`` is read by the ``GlobalSampler``
+  (B / world_size samples per rank) in ``micro_batches`` micro-batches of at most
+  ``train.max_per_rank_batch`` samples; gradients are accumulated over them
+  (``backward_passes_per_step``) and allreduced once;
+* the loss of every micro-batch is ``sum of per-sample losses / B`` (Goyal et al. remark 3:
+  normalize by the global batch), and the gradients are *summed* over ranks, so the update uses
+  the exact mean gradient of the global batch, also for uneven micro-batches or a partial last
+  batch; an empty micro-batch (a partial last batch smaller than the rank count) contributes a
+  zero gradient so that every rank takes part in the allreduce;
+* one optimizer step (``updates`` += 1).
+
+Phases may change the batch (and the micro-batch count) at any iteration, also mid-epoch: the
+loader of the new micro-batch count continues from the sampler's position.
+
+At the end of every epoch the model is evaluated on the validation set if due (top-1, top-5 and
+loss, summed over ranks and divided by the sample count) and a checkpoint is written. Extra
+checkpoints are written every ``train.checkpoint_every`` updates and after a ``SIGUSR1`` (sent
+to any rank; honoured at the next ``log_every`` boundary). Before every evaluation and
+checkpoint, BN running statistics are averaged over ranks (``train.average_bn_stats``; BN
+normalizes with per-rank batch statistics while training, as in Goyal et al., so this changes
+no update). ``--resume`` continues at the exact epoch, iteration, phase and data position, on
+any world size that divides the schedule's batches.
+
+Inputs are float32 tensors; ``train.precision: bf16`` runs forward passes under autocast.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from hvd_largebatch.schedules import noise_scale
+from hvd_largebatch.training.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from hvd_largebatch.training.config import Config
+from hvd_largebatch.training.metrics import MetricsLogger, ProgressBar
+from hvd_largebatch.training.setup import Run, agreed_run, build_optimizer, train_loader, val_loader
+
+SUMMARY_NAME = "summary.json"
+_PRECISION_DTYPES = {"bf16": torch.bfloat16}
+_INPUT_DTYPE = "float32"
+
+
+def train(cfg: Config, *, resume: str | None = None, synthetic: bool = False) -> dict:
+    """Run ``cfg`` on the ranks of this Horovod job (a single process works too).
+
+    Returns the run's summary (also written to ``<output.dir>/summary.json`` by rank 0).
+    Raises ``SetupError`` on every rank, before the first step, when the config, the data, the
+    world size or the checkpoint is unusable on any rank.
+    """
+    import horovod.torch as hvd
+
+    hvd.init()
+    return Trainer(agreed_run(cfg, hvd, resume=resume, synthetic=synthetic), hvd).fit()
+
+
+class Trainer:
+    """Holds the model, optimizer, sampler, loaders and counters of one run (see module doc)."""
+
+    def __init__(self, run: Run, hvd):
+        self.run, self.hvd, self.cfg = run, hvd, run.cfg
+        self.schedule = run.schedule
+        self.device = run.device
+        self.is_root = run.rank == 0
+        self.model = run.model.to(self.device)
+        first = run.checkpoint or {"epoch": 0, "step": 0}
+        if first["epoch"] < self.schedule.num_epochs:
+            point = self.schedule.at(first["epoch"], first["step"])  # the first iteration to run
+        else:  # a finished run: nothing left to do
+            point = self.schedule.at(self.schedule.num_epochs - 1, 0)
+        self.optimizer = build_optimizer(
+            self.cfg, self.model, self.schedule, point, run.micro_batches[point.phase], hvd)
+        self.sampler = run.sampler
+        self.autocast = _PRECISION_DTYPES.get(self.cfg.train.precision)
+        self.val = val_loader(self.cfg, run.data, run.world_size, run.rank, device=self.device,
+                              dtype=_INPUT_DTYPE)
+        self.epoch, self.step, self.updates, self.samples, self.wall_time = 0, 0, 0, 0, 0.0
+        if run.checkpoint is not None:
+            self._restore(run.checkpoint)
+        else:
+            # same seed everywhere, but make sure; a fresh optimizer has no state to send
+            hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
+        self._loader, self._loader_k, self._batches = None, None, None
+        self._requested = False  # set by SIGUSR1
+        self._pending_request = False  # agreed by all ranks at the last window flush
+        self._window = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, top-1
+        self._window_count = 0  # samples of this rank in the window
+        self._window_start = time.perf_counter()
+        self._window_steps = 0
+        self._last_count = 0  # samples of this rank in the last iteration
+        self._last_point = point
+        self._last_k = run.micro_batches[point.phase]
+        self.logger = None
+        self.on_save = None  # called by every rank after every checkpoint (e.g. a commit)
+        if self.is_root:
+            self._prepare_output()
+            if run.checkpoint is not None:
+                print(f"resuming from {run.checkpoint_path}: epoch {self.epoch}, iteration "
+                      f"{self.step}, {self.updates} updates done", file=sys.stderr, flush=True)
+
+    # -- outputs ----------------------------------------------------------------------------
+    def _prepare_output(self) -> None:
+        out = self.cfg.output.dir
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.yaml"), "w") as f:
+            yaml.safe_dump(self.cfg.to_dict(), f, sort_keys=False)
+        with open(os.path.join(out, "schedule.yaml"), "w") as f:
+            yaml.safe_dump(self.schedule.to_config(), f, sort_keys=False)
+        resumed = self.updates if self.run.checkpoint is not None else None
+        self.logger = MetricsLogger(out, tensorboard=self.cfg.output.tensorboard,
+                                    resume_updates=resumed)
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The checkpoint (collective: every rank must call it; only rank 0's result is kept)."""
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        rngs = self.hvd.allgather_object(rng) if self.run.world_size > 1 else [rng]
+        return {
+            "model_name": self.cfg.model.name, "model_options": dict(self.cfg.model.options),
+            "num_classes": self.run.data.num_classes,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.gathered_state_dict(),
+            "epoch": self.epoch, "step": self.step, "updates": self.updates,
+            "samples": self.samples, "wall_time": self.wall_time,
+            "sampler": self.sampler.state_dict(), "rng": rngs, "world_size": self.run.world_size,
+            "config": self.cfg.to_dict(), "schedule": self.schedule.to_config(),
+        }
+
+    def _restore(self, state: dict) -> None:
+        """Optimizer state, counters and RNG from the checkpoint (``setup_run`` has loaded the
+        weights and the sampler position)."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.updates, self.samples = state["updates"], state["samples"]
+        self.wall_time = state["wall_time"]
+        rngs = state["rng"]
+        if len(rngs) == self.run.world_size:
+            torch.set_rng_state(rngs[self.run.rank]["cpu"])
+            if self.device.type == "cuda" and "cuda" in rngs[self.run.rank]:
+                torch.cuda.set_rng_state(rngs[self.run.rank]["cuda"], self.device)
+        else:  # another world size: a fresh, deterministic stream per rank
+            torch.manual_seed(hash((self.cfg.train.seed, self.updates, self.run.rank)) % 2**63)
+
+    def save(self) -> None:
+        """Write ``checkpoint.pt`` (all ranks call this; rank 0 writes)."""
+        self._average_bn_stats()
+        state = self.state_dict()
+        if self.is_root:
+            save_checkpoint(state, os.path.join(self.cfg.output.dir, CHECKPOINT_NAME))
+        if self.on_save is not None:
+            self.on_save()
+
+    def release(self) -> None:
+        """Close the loader and the metrics file (this trainer will not be used again)."""
+        self._close_loader()
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
+
+    # -- the loop ---------------------------------------------------------------------------
+    def fit(self) -> dict:
+        self._install_signal_handler()
+        start = time.perf_counter() - self.wall_time
+        last_eval = None
+        epochs = self.schedule.num_epochs
+        while self.epoch < epochs:
+            epoch = self.epoch
+            total = self.sampler.num_steps(epoch)
+            bar = ProgressBar(self.is_root and self.cfg.output.progress, epoch, total, self.step)
+            while self.step < total:
+                self._iteration(epoch, bar)
+                self.wall_time = time.perf_counter() - start
+                if self._checkpoint_due() and self.step < total:
+                    self.save()
+            self._flush_window(epoch, bar)
+            bar.close()
+            self._end_epoch(epoch)
+            self.wall_time = time.perf_counter() - start
+            every = self.cfg.train.eval_every
+            if epoch == epochs - 1 or (every and (epoch + 1) % every == 0):
+                self._average_bn_stats()
+                last_eval = self.evaluate()
+                self.wall_time = time.perf_counter() - start
+                self._log_eval(epoch, last_eval)
+            self.epoch, self.step = epoch + 1, 0
+            self.save()
+        return self._finish(last_eval)
+
+    def _iteration(self, epoch: int, bar: ProgressBar) -> None:
+        point = self.schedule.at(epoch, self.step)
+        k = self.run.micro_batches[point.phase]
+        batches = self._micro_batches(epoch, k)
+        opt = self.optimizer
+        for group in opt.param_groups:
+            group["lr"] = point.lr
+            group["momentum"] = point.momentum
+        if k != opt.backward_passes_per_step:
+            opt.set_backward_passes_per_step(k)
+        if point.global_batch != self._last_point.global_batch:
+            opt.set_global_batch(point.global_batch)  # for the gradient noise scale
+        opt.zero_grad()
+        scale = 1.0 / point.global_batch
+        self._last_count = 0
+        for _ in range(k):
+            images, labels = next(batches)
+            self._micro_step(images, labels, scale)
+        opt.step()
+        self.step += 1
+        self.updates += 1
+        self.samples += point.global_batch
+        self._window_steps += 1
+        self._last_point = point
+        self._last_k = k
+        if self._window_steps >= self.cfg.train.log_every:
+            self._flush_window(epoch, bar=bar)
+
+    def _micro_step(self, images: torch.Tensor, labels: torch.Tensor, scale: float) -> None:
+        n = len(labels)
+        if n == 0:  # no samples for this rank: a zero gradient keeps the allreduce in step
+            (sum(p.sum() for p in self.model.parameters()) * 0.0).backward()
+            return
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            logits = self.model(images)
+        loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
+        (loss_sum * scale).backward()
+        with torch.no_grad():
+            correct = (logits.argmax(1) == labels).sum()
+            self._window += torch.stack([loss_sum.detach().double(), correct.double()])
+        self._window_count += n
+        self._last_count += n
+
+    def _micro_batches(self, epoch: int, k: int):
+        """The micro-batch iterator of ``epoch`` for ``k`` micro-batches per iteration (a new
+        loader when ``k`` changes; it continues at the sampler's position)."""
+        if self._loader is None or self._loader_k != k:
+            self._close_loader()
+            # augmentation seed: differs per loader, identical for identical runs
+            seed = hash((self.cfg.train.seed, self.updates)) % 2**31
+            self._loader = train_loader(self.cfg, self.run.data, self.sampler, micro_batches=k,
+                                        device=self.device, dtype=_INPUT_DTYPE, seed=seed)
+            self._loader_k = k
+        if self._batches is None:
+            self._batches = iter(self._loader.epoch(epoch))
+        return self._batches
+
+    def _close_loader(self) -> None:
+        """Drop the loader (its micro-batch count no longer applies)."""
+        if self._batches is not None:
+            self._batches.close()
+        self._loader, self._loader_k, self._batches = None, None, None
+
+    def _end_epoch(self, epoch: int) -> None:
+        """The epoch's iterations are done: its micro-batch iterator must be exhausted too
+        (which lets the loader start the next epoch without rebuilding its pipeline)."""
+        if self._batches is not None:
+            extra = next(self._batches, None)
+            self._batches = None
+            if extra is not None:
+                raise RuntimeError(f"the loader yielded more micro-batches in epoch {epoch} than "
+                                   f"the schedule's {self.sampler.num_steps(epoch)} iterations")
+
+    # -- logging ----------------------------------------------------------------------------
+    def _flush_window(self, epoch: int, bar: ProgressBar) -> None:
+        """Reduce the window's loss / accuracy / sample counts over ranks, write a train row
+        (rank 0) and pick up checkpoint requests. Collective: every rank calls it at the same
+        iterations (a no-op when no iteration ran since the last flush)."""
+        if self._window_steps == 0:
+            return
+        counts = [self._window_count, self._last_count, float(self._requested)]
+        local = torch.cat([self._window.cpu(), torch.tensor(counts, dtype=torch.float64)])
+        total = self.hvd.allreduce(local, op=self.hvd.Sum, name="train.window")
+        loss_sum, correct, count, last_count, requested = total.tolist()
+        now = time.perf_counter()
+        point = self._last_point
+        if self.is_root:
+            row = {
+                "kind": "train", "epoch": epoch, "step": self.step - 1,
+                "epoch_float": point.epoch_float, "updates": self.updates, "samples": self.samples,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "momentum": self.optimizer.param_groups[0]["momentum"],
+                "global_batch": int(last_count), "micro_batches": self._last_k,
+                "noise_scale": _noise_scale(point, self.schedule.dataset_size),
+                "loss": loss_sum / max(count, 1), "top1": 100.0 * correct / max(count, 1),
+                "images_per_s": count / max(now - self._window_start, 1e-9),
+                "wall_time": self.wall_time,
+                **self._optimizer_report(),
+            }
+            self.logger.log(row)
+            bar.update(self._window_steps, images_per_s=row["images_per_s"], loss=row["loss"],
+                       lr=row["lr"], batch=row["global_batch"])
+        self._window.zero_()
+        self._window_count = 0
+        self._window_steps = 0
+        self._window_start = now
+        if requested:
+            self._requested = False
+            self._pending_request = True
+
+    def _optimizer_report(self) -> dict:
+        """Trust-ratio summary (LARS) and measured gradient noise scale, when available."""
+        report = {}
+        if self.cfg.optimizer.name == "lars":
+            values = self.optimizer.last_trust_ratios()[_lars_positions(self.optimizer)]
+            values = values[torch.isfinite(values)]
+            if values.numel():
+                report.update(trust_ratio_min=values.min().item(),
+                              trust_ratio_mean=values.mean().item(),
+                              trust_ratio_max=values.max().item())
+        measured = self.optimizer.noise_scale()  # None on one rank / before it is estimated
+        if measured is not None and math.isfinite(measured):
+            report["grad_noise_scale"] = measured
+        return report
+
+    def _log_eval(self, epoch: int, result: dict) -> None:
+        if self.is_root:
+            point = self._last_point
+            self.logger.log({"kind": "eval", "epoch": epoch, "step": self.sampler.num_steps(epoch) - 1,
+                             "epoch_float": epoch + 1.0, "updates": self.updates,
+                             "samples": self.samples, "lr": point.lr, "momentum": point.momentum,
+                             "global_batch": point.global_batch, "wall_time": self.wall_time,
+                             **result})
+
+    # -- checkpoints on request -------------------------------------------------------------
+    def _install_signal_handler(self) -> None:
+        try:
+            signal.signal(signal.SIGUSR1, self._on_signal)
+        except ValueError:  # not the main thread (an embedding application): no signal requests
+            pass
+
+    def _on_signal(self, signum, frame) -> None:
+        self._requested = True
+
+    def _checkpoint_due(self) -> bool:
+        every = self.cfg.train.checkpoint_every
+        due = bool(every) and self.updates % every == 0
+        if self._pending_request:
+            self._pending_request = False
+            due = True
+        return due
+
+    # -- evaluation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Top-1 / top-5 (%) and mean loss over the whole validation set, all ranks together."""
+        self.model.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top-1, top-5, n
+        self.val.sampler.seek(0, 0)
+        num_classes = self.run.data.num_classes
+        for images, labels in self.val.epoch(0):
+            if len(labels) == 0:
+                continue
+            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                logits = self.model(images)
+            logits = logits.float()
+            top = logits.topk(min(5, num_classes), dim=1).indices
+            hits = top == labels[:, None]
+            sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
+                                 hits[:, 0].sum(), hits.any(1).sum(),
+                                 torch.tensor(len(labels), device=labels.device)]).double()
+        self.model.train()
+        sums = self.hvd.allreduce(sums.cpu(), op=self.hvd.Sum, name="eval.sums")
+        loss, top1, top5, n = sums.tolist()
+        return {"loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
+
+    def _average_bn_stats(self) -> None:
+        if not self.cfg.train.average_bn_stats or self.run.world_size == 1:
+            return
+        buffers = [buf for name, buf in self.model.named_buffers()
+                   if name.endswith(("running_mean", "running_var"))]
+        if buffers:
+            averaged = self.hvd.grouped_allreduce(buffers, op=self.hvd.Average, name="bn.stats")
+            for buf, avg in zip(buffers, averaged):
+                buf.copy_(avg)
+
+    # -- end --------------------------------------------------------------------------------
+    def _finish(self, last_eval: dict | None) -> dict:
+        summary = {
+            "model": self.cfg.model.name, "schedule": self.schedule.name,
+            "world_size": self.run.world_size, "epochs": self.schedule.epochs,
+            "updates": self.updates, "samples": self.samples,
+            "wall_time": self.wall_time, "output_dir": self.cfg.output.dir,
+            **{f"val_{k}": v for k, v in (last_eval or {}).items()},
+        }
+        if self.is_root:
+            self.logger.close()
+            out = self.cfg.output.dir
+            with open(os.path.join(out, SUMMARY_NAME), "w") as f:
+                json.dump(summary, f, indent=1)
+            if self.cfg.output.plots:
+                from hvd_largebatch.training.plots import plot_run
+
+                plot_run(self.logger.path, out, title=self.schedule.name or self.cfg.model.name)
+        return summary
+
+
+def _noise_scale(point, dataset_size: int) -> float | None:
+    if point.global_batch >= dataset_size:
+        return None
+    value = noise_scale(point.lr, point.global_batch, point.momentum, dataset_size)
+    return value if math.isfinite(value) else None
+
+
+def _lars_positions(optimizer) -> torch.Tensor:
+    """Indices (in ``last_trust_ratios`` order) of the params of groups that use LARS."""
+    flags = [bool(g.get("lars", True)) for g in optimizer.param_groups for _ in g["params"]]
+    return torch.tensor(flags, dtype=torch.bool)

@@ -1,0 +1,207 @@
+"""The CUDA kernels (hvd_largebatch._C_cuda): the reference comparisons of test_ops.py on CUDA
+tensors, CPU/GPU agreement, launch count and the absence of host synchronization.
+
+Skipped on machines without a CUDA device (torch.cuda.is_available() is False).
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from hvd_largebatch import FusedLARS, ops, param_groups
+from hvd_largebatch.lars import reference as ref
+from hvd_largebatch.lars.reference import ReferenceLARS
+from test_ops import (DTYPES, HYPER, OPTIONS, SIZES, assert_buffers_close, assert_weights_close,
+                      check_nonfinite_skip, check_rounding, check_segments_with_layer_sums,
+                      check_table_carry, check_widening, clone_all, make_case, option_id,
+                      run_native_and_reference)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="no CUDA device (torch.cuda.is_available() is False)")
+CUDA = "cuda"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sum_of_squares_matches_reference_and_cpu(dtype):
+    ts = [torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype) for n in SIZES]
+    on_gpu = ops.sum_of_squares([t.to(CUDA) for t in ts])
+    assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.float32
+    torch.testing.assert_close(on_gpu.cpu(), ref.sum_of_squares(ts), rtol=1e-5, atol=0)
+    torch.testing.assert_close(on_gpu.cpu(), ops.sum_of_squares(ts), rtol=2e-6, atol=0)
+
+
+def test_sums_are_deterministic_and_do_not_depend_on_the_other_tensors():
+    gen = torch.Generator().manual_seed(3)
+    ts = [torch.randn(n, generator=gen).to(CUDA) for n in (200_000, 5, 70_001, 3_000_003)]
+    first = ops.sum_of_squares(ts)
+    for _ in range(3):
+        assert torch.equal(ops.sum_of_squares(ts), first)
+    assert torch.equal(torch.cat([ops.sum_of_squares([t]) for t in ts]), first)
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=option_id)
+def test_update_matches_reference_for_each_option(options):
+    ws, gs, us = make_case(SIZES, [torch.float32], [torch.float32], device=CUDA)
+    (nw, nu, nr), (rw, ru, rr) = run_native_and_reference(ws, gs, us, options)
+    assert_weights_close(nw, rw)
+    if nu is not None:
+        assert_buffers_close(nu, ru)
+    torch.testing.assert_close(nr, rr, rtol=1e-4 if "denominator" in options else 5e-6, atol=0)
+
+
+@pytest.mark.parametrize("w_dtype,g_dtype", list(itertools.product(DTYPES, DTYPES)),
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_update_matches_reference_for_each_dtype_pair(w_dtype, g_dtype):
+    ws, gs, us = make_case([1, 4097, 20_000, 0, 33], [w_dtype], [g_dtype], device=CUDA)
+    (nw, nu, nr), (rw, ru, rr) = run_native_and_reference(ws, gs, us, {"nesterov": True}, steps=1)
+    assert_weights_close(nw, rw)
+    assert_buffers_close(nu, ru)
+    torch.testing.assert_close(nr, rr, rtol=5e-6, atol=0)
+
+
+@pytest.mark.parametrize("w_dtype,g_dtype", list(itertools.product(DTYPES, DTYPES)),
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_cpu_and_gpu_compute_the_same_elements(w_dtype, g_dtype):
+    """Same inputs and the same sums: the per-element maths of lars_math.h gives bitwise the same
+    weights, buffers and trust ratios on both devices (normal fp32 values: the GPU flushes
+    denormals)."""
+    sizes = [3, 5000, 70_001, 0]
+    ws, gs, us = make_case(sizes, [w_dtype], [g_dtype])
+    sums = ops.lars_sumsq(ws, gs, dot=True)
+    results = {}
+    for device in ("cpu", CUDA):
+        w = [t.to(device) for t in ws]
+        u = [t.to(device) for t in us]
+        info = ops.lars_update_(w, [t.to(device) for t in gs], u, sums.w_sumsq.to(device),
+                                sums.g_sumsq.to(device), sums.wg_dot.to(device),
+                                lr=[0.7, 0.7, 0.1, 0.2], denominator=["separate", "combined"] * 2,
+                                nesterov=[False, True, True, False],
+                                **{k: v for k, v in HYPER.items() if k != "lr"})
+        results[device] = [t.cpu() for t in w + u] + [info.trust_ratios.cpu()]
+    for a, b in zip(results["cpu"], results[CUDA]):
+        assert torch.equal(a, b)
+
+
+def test_more_groups_than_one_launch_holds():
+    """More than 64 distinct hyperparameter sets: several update launches, one skip decision."""
+    n = 150
+    ws, gs, us = make_case([37 + i for i in range(n)], [torch.float32], [torch.float32],
+                           device=CUDA)
+    lrs = [0.01 * (i + 1) for i in range(n)]
+    nw, nu = clone_all(ws), clone_all(us)
+    s = ops.lars_sumsq(nw, gs)
+    info = ops.lars_update_(nw, gs, nu, s.w_sumsq, s.g_sumsq, lr=lrs, weight_decay=0.01)
+    for i in (0, 63, 64, 65, 127, 128, 149):
+        rw, ru = [ws[i].clone()], [us[i].clone()]
+        rs = ref.lars_sumsq(rw, [gs[i]])
+        ratio, _ = ref.lars_update_(rw, [gs[i]], ru, *rs, lr=lrs[i], weight_decay=0.01)
+        assert_weights_close([nw[i]], rw)
+        assert info.trust_ratios[i].item() == pytest.approx(ratio.item(), rel=5e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_conversions_match_torch(dtype):
+    check_widening(dtype, CUDA)
+    check_rounding(dtype, CUDA)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_nonfinite_grad_skips_the_whole_call(bad):
+    check_nonfinite_skip(bad, CUDA)
+
+
+def test_segments_with_full_layer_sums_equal_the_whole_layer_update():
+    check_segments_with_layer_sums(CUDA)
+
+
+def test_table_rebinds_new_grads_and_carries_weight_sums():
+    check_table_carry(CUDA)
+
+
+# ------------------------------------------------------------------------------------------------
+# the optimizer on the GPU
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(16 * 30 * 30, 100)).to(CUDA)
+
+
+def _set_grads(step, *models):
+    gen = torch.Generator().manual_seed(step)
+    for tensors in zip(*(m.parameters() for m in models)):
+        g = (torch.randn(tensors[0].shape, generator=gen) * 0.1).to(CUDA)
+        for p in tensors:
+            p.grad = g.clone()
+
+
+@pytest.mark.parametrize("options", [{}, {"momentum_correction": False, "nesterov": True},
+                                     {"denominator": "combined"}, {"carry_weight_norms": True}],
+                         ids=["default", "raw-nesterov", "combined", "carry"])
+def test_fused_lars_matches_reference_on_gpu(options):
+    model = _model()
+    twin = _model()
+    fused = FusedLARS(param_groups(model, 1e-3), lr=0.5, trust_coefficient=0.02, **options)
+    ref_options = {k: v for k, v in options.items() if k != "carry_weight_norms"}
+    reference = ReferenceLARS(param_groups(twin, 1e-3), lr=0.5, trust_coefficient=0.02,
+                              **ref_options)
+    for step in range(6):
+        for opt in (fused, reference):
+            for group in opt.param_groups:
+                group["lr"] = 0.5 * (step + 1)
+        _set_grads(step, model, twin)
+        fused.step()
+        reference.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        scale = float(q.detach().abs().max())
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6 * scale + 1e-7)
+
+
+def test_step_launches_three_kernels():
+    model = _model()
+    opt = FusedLARS(param_groups(model, 1e-4), lr=0.1)
+    _set_grads(0, model)
+    opt.step()  # builds and uploads the tables
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        opt.step()
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+    ours = [k for k in kernels if "hvdlb" in k]
+    assert len(ours) == 3, kernels  # norms, finalize, update
+    assert len(kernels) <= 4, kernels
+
+
+def test_steps_do_not_synchronize_with_the_host():
+    model = _model()
+    opt = FusedLARS(param_groups(model, 1e-4), lr=0.1, carry_weight_norms=True)
+    _set_grads(0, model)
+    opt.step()
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(1, 4):
+            for p in model.parameters():  # gradients re-created in place, as by backward
+                p.grad.normal_()
+            opt.step()
+            opt.last_trust_ratios()
+            opt.last_step_skipped()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert not bool(opt.last_step_skipped())
+
+
+def test_current_device_is_restored():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    t = torch.randn(1000, device="cuda:1")
+    torch.cuda.set_device(0)
+    out = ops.sum_of_squares([t])
+    assert torch.cuda.current_device() == 0
+    torch.testing.assert_close(out.cpu(), ref.sum_of_squares([t.cpu()]), rtol=1e-5, atol=0)
