@@ -5,7 +5,14 @@ Two extension modules are built from ``csrc/``:
 * ``hvd_largebatch._C``: C++17 CPU kernels (OpenMP when the compiler supports it). Always built.
 * ``hvd_largebatch._C_cuda``: CUDA kernels, built when the CUDA toolkit is found. The CUDA runtime
   is linked statically (``libcudart_static.a``), so importing the module needs no GPU and no
-  driver; the package imports it lazily, on the first CUDA tensor.
+  driver; the package imports it lazily, on the first CUDA tensor. IEEE arithmetic: no
+  ``--use_fast_math`` (no flush-to-zero, IEEE-rounded division and square root), so that the GPU
+  writes the same bits as the CPU kernels (csrc/lars_math.h).
+
+The CUDA rule: the toolkit's major version must be the one PyTorch was built with
+(``torch.version.cuda``), so that the extension loads wherever that PyTorch runs: a CUDA 13
+runtime needs a driver >= 580, which a machine running a CUDA 12 PyTorch may not have. The build
+stops with a message naming both versions otherwise. With a CPU-only PyTorch any toolkit is used.
 
 Environment:
 
@@ -20,6 +27,7 @@ Environment:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -67,6 +75,31 @@ def _cuda_home(nvcc: str) -> Path:
         if c and (Path(c) / "include" / "cuda_runtime.h").exists():
             return Path(c)
     sys.exit(f"nvcc found at {nvcc} but no CUDA toolkit (include/cuda_runtime.h); set CUDA_HOME")
+
+
+def _cuda_major(nvcc: str) -> int:
+    """The toolkit's major version, from ``nvcc --version`` ("release 13.0, V13.0.48")."""
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"release (\d+)\.", out)
+    if found is None:
+        sys.exit(f"could not read the CUDA version from `{nvcc} --version`:\n{out}")
+    return int(found.group(1))
+
+
+def _check_cuda_matches_torch(nvcc: str) -> None:
+    """Stop unless the toolkit's major version is PyTorch's (see the module docstring)."""
+    try:
+        import torch
+    except ImportError:  # building without torch (an isolated build): nothing to match
+        return
+    if not torch.version.cuda:
+        return
+    torch_major, nvcc_major = int(torch.version.cuda.split(".")[0]), _cuda_major(nvcc)
+    if torch_major != nvcc_major:
+        sys.exit(f"nvcc at {nvcc} is CUDA {nvcc_major} but this PyTorch ({torch.__version__}) was "
+                 f"built for CUDA {torch.version.cuda}: the extension would need a driver for CUDA "
+                 f"{nvcc_major}. Point NVCC or CUDA_HOME at a CUDA {torch_major} toolkit, or build "
+                 "without the CUDA kernels: HVD_LARGEBATCH_CUDA=0")
 
 
 def _cuda_archs() -> list[str]:
@@ -126,7 +159,7 @@ class BuildExt(build_ext):
         objects = []
         for src in sources:
             obj = out_dir / (Path(src).stem + ".o")
-            cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", "--use_fast_math",
+            cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17",
                    "-Xcompiler", "-fPIC,-fvisibility=hidden", "-lineinfo", *gencode, *includes,
                    *defines]
             print(" ".join(cmd), flush=True)
@@ -149,6 +182,7 @@ def _extensions() -> list[Pybind11Extension]:
     if mode == "1" and nvcc is None:
         sys.exit("HVD_LARGEBATCH_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
     if nvcc:
+        _check_cuda_matches_torch(nvcc)
         home = _cuda_home(nvcc)
         archs = _cuda_archs()
         cuda = Pybind11Extension(

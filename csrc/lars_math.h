@@ -1,13 +1,19 @@
 // The LARS maths, once, for the C++ (CPU) and CUDA builds: dtype conversion, the trust ratio and the
 // per-element update. Every function is HVD_HD, so the CPU tests exercise the formula the GPU runs.
 //
-// Also here: the tensor-table layout that hvd_largebatch/ops.py builds and both native modules read.
+// Also here: the tensor-table layout that hvd_largebatch/lars/ops.py builds and both native modules
+// read.
 //
 // Rounding: every multiply-add that a compiler could contract is written as an explicit fmaf, and
-// on the device division and square root use the IEEE-rounded intrinsics, so the CPU and the GPU
-// compute the same per-element values even though the CUDA build uses --use_fast_math. (Remaining
-// differences: the GPU flushes fp32 denormals to zero, and the order in which the norm reductions
-// add their terms differs between the two builds.)
+// division and square root are IEEE-rounded on both sides (the CUDA build does not use
+// --use_fast_math: no flush-to-zero, no approximate division or square root), so the CPU and the
+// GPU compute the same bits for the trust ratio and the update (weights, momentum) from the same
+// sums, for every finite input, denormals included. The norm reductions add their terms in
+// different orders on the two builds, so sums of squares may differ in the last bits.
+//
+// NaN: every NaN that the kernels store (a weight, a momentum value, a trust ratio, a sum) is the
+// one canonical NaN of CUDA: 0x7fffffff in fp32, 0x7fff in fp16 and bf16, whatever the NaN's
+// origin (the CPU's default NaN is 0xffc00000, and x86 propagates input payloads): see canonical().
 #pragma once
 
 #include <cstdint>
@@ -64,6 +70,17 @@ HVD_HD uint32_t select_bits(bool cond, uint32_t a, uint32_t b) {
 // True unless f is an infinity or a NaN (a bit test: immune to fast-math assumptions).
 HVD_HD bool is_finite(float f) { return (float_bits(f) & 0x7f800000u) != 0x7f800000u; }
 
+HVD_HD bool is_nan(float f) { return (float_bits(f) & 0x7fffffffu) > 0x7f800000u; }
+
+// The canonical NaNs (what CUDA's arithmetic and conversions produce).
+constexpr uint32_t kCanonicalNaN = 0x7fffffffu;
+constexpr uint16_t kCanonicalNaN16 = 0x7fffu;  // fp16 and bf16
+
+// f, with any NaN replaced by the canonical one (branch-free: loops over it vectorize).
+HVD_HD float canonical(float f) {
+  return bits_float(select_bits(is_nan(f), kCanonicalNaN, float_bits(f)));
+}
+
 // binary16 -> binary32, exact (normals, subnormals, signed zeros, infinities, NaNs).
 HVD_HD float half_to_float(uint16_t h) {
 #if defined(__CUDA_ARCH__)
@@ -80,7 +97,7 @@ HVD_HD float half_to_float(uint16_t h) {
 #endif
 }
 
-// binary32 -> binary16, round to nearest even; overflow gives infinity, NaN gives a quiet NaN.
+// binary32 -> binary16, round to nearest even; overflow gives infinity, NaN gives 0x7fff.
 HVD_HD uint16_t float_to_half(float f) {
 #if defined(__CUDA_ARCH__)
   return __half_as_ushort(__float2half_rn(f));
@@ -89,8 +106,8 @@ HVD_HD uint16_t float_to_half(float f) {
   const uint32_t all = float_bits(f);
   const uint32_t sign = (all >> 16) & 0x8000u;
   const uint32_t u = all & 0x7fffffffu;
-  // |f| >= 65536, inf or NaN: infinity or a quiet NaN.
-  const uint32_t big = select_bits(u > 0x7f800000u, 0x7e00u, 0x7c00u);
+  // |f| >= 65536 or inf: infinity (a NaN is handled last).
+  const uint32_t big = 0x7c00u;
   // |f| < 2^-14 (binary16 subnormal or zero): adding 0.5 puts the result's bits at the bottom of
   // the mantissa and the FPU's round-to-nearest-even does the rounding.
   const uint32_t small = float_bits(bits_float(u) + 0.5f) - 0x3f000000u;
@@ -98,21 +115,21 @@ HVD_HD uint16_t float_to_half(float f) {
   // on the 13 dropped bits; a carry out of the mantissa correctly gives the next binade or inf.
   const uint32_t normal = (u + 0xc8000fffu + ((u >> 13) & 1u)) >> 13;
   const uint32_t out = select_bits(u >= 0x47800000u, big, select_bits(u < 0x38800000u, small, normal));
-  return static_cast<uint16_t>(out | sign);
+  return static_cast<uint16_t>(select_bits(u > 0x7f800000u, kCanonicalNaN16, out | sign));
 #endif
 }
 
 // bfloat16 -> binary32, exact.
 HVD_HD float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
 
-// binary32 -> bfloat16, round to nearest even; NaN gives the quiet NaN 0x7fc0.
+// binary32 -> bfloat16, round to nearest even; NaN gives 0x7fff.
 HVD_HD uint16_t float_to_bf16(float f) {
 #if defined(__CUDA_ARCH__)
   return __bfloat16_as_ushort(__float2bfloat16_rn(f));
 #else
   const uint32_t u = float_bits(f);
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>(select_bits(is_finite(f) || (u & 0x7fffffu) == 0, rounded, 0x7fc0u));
+  return static_cast<uint16_t>(select_bits(is_nan(f), kCanonicalNaN16, rounded));
 #endif
 }
 
@@ -124,7 +141,7 @@ template <class T>
 HVD_HD T from_float(float x);
 template <>
 HVD_HD float from_float<float>(float x) {
-  return x;
+  return canonical(x);
 }
 template <>
 HVD_HD Half from_float<Half>(float x) {
@@ -175,22 +192,28 @@ static_assert(sizeof(LarsGroup) == 32, "LarsGroup must match ops.GROUP_DTYPE");
 //   separate: eta ||w|| / (||g|| + beta ||w|| + eps)       (You et al. 2017)
 //   combined: eta ||w|| / (||g + beta w|| + eps),  ||g + beta w||^2 = g_sq + 2 beta wg + beta^2 w_sq
 // The ratio is 1 for groups without LARS, when ||w|| = 0 or ||g|| = 0, and (combined) when the
-// denominator is 0. Non-finite sums give a non-finite ratio.
+// denominator is 0. A non-finite sum that the ratio reads (w_sq and g_sq; wg too when combined)
+// gives the canonical NaN, whatever the other sums: an infinite gradient must not turn into a
+// ratio of 0 (separate) or a finite one (combined).
 HVD_HD float lars_trust_ratio(float w_sq, float g_sq, float wg, const LarsGroup& grp) {
   if (!(grp.flags & kLars)) return 1.0f;
+  const bool combined = (grp.flags & kCombinedDenominator) != 0;
+  if (!is_finite(w_sq) || !is_finite(g_sq) || (combined && !is_finite(wg)))
+    return bits_float(kCanonicalNaN);
   const float w_norm = sqrt_rn(w_sq);
   const float g_norm = sqrt_rn(g_sq);
   if (w_norm == 0.0f || g_norm == 0.0f) return 1.0f;
   const float beta = grp.weight_decay;
   float denom;
-  if (grp.flags & kCombinedDenominator) {
+  if (combined) {
     const float d_sq = fmaf(beta, fmaf(beta, w_sq, 2.0f * wg), g_sq);
-    denom = sqrt_rn(d_sq > 0.0f ? d_sq : 0.0f) + grp.eps;  // rounding can make d_sq slightly < 0
+    // rounding can make d_sq slightly < 0; a NaN (inf - inf from huge finite sums) stays NaN
+    denom = sqrt_rn(d_sq < 0.0f ? 0.0f : d_sq) + grp.eps;
     if (denom == 0.0f) return 1.0f;
   } else {
     denom = fmaf(beta, w_norm, g_norm) + grp.eps;
   }
-  return div_rn(grp.trust_coefficient * w_norm, denom);
+  return canonical(div_rn(grp.trust_coefficient * w_norm, denom));
 }
 
 // Per-tensor constants of the element update.
@@ -214,23 +237,24 @@ HVD_HD LarsCoeffs lars_coeffs(float ratio, const LarsGroup& grp) {
 // One element of the update, all in fp32. With a momentum buffer (u: its value, updated in place):
 //   d = g + beta w;  s = alpha d;  u <- m u + s;  step = nesterov ? s + m u : u;  w <- w - out_scale step
 // Without one (momentum 0): step = s. A zero buffer makes the first step u = s, which is what
-// torch.optim.SGD's first step does (it copies d into the new buffer).
+// torch.optim.SGD's first step does (it copies d into the new buffer). u leaves canonical (the
+// returned weight is made canonical by from_float when it is stored).
 template <bool HasBuffer, bool Nesterov>
 HVD_HD float lars_element(float w, float g, float& u, const LarsCoeffs& c) {
   const float d = fmaf(c.weight_decay, w, g);
   const float s = c.alpha * d;
   float step = s;
   if (HasBuffer) {
-    u = fmaf(c.momentum, u, s);
+    u = canonical(fmaf(c.momentum, u, s));
     step = Nesterov ? fmaf(c.momentum, u, s) : u;
   }
   return fmaf(-c.out_scale, step, w);
 }
 
 // ---------------------------------------------------------------------------------------------
-// The tensor table (int64, built by ops.TensorTable): n tensor rows, then nch chunk rows. Chunks
-// (at most a few thousand elements of one tensor) are the unit of parallel work; their size is
-// chosen by ops.py per device. Every tensor has at least one chunk (a zero-size tensor has one
+// The tensor table (int64, built by lars/ops.py's TensorTable): n tensor rows, then nch chunk
+// rows. Chunks (at most a few thousand elements of one tensor) are the unit of parallel work; their
+// size is chosen by ops.py per device. Every tensor has at least one chunk (a zero-size tensor has one
 // empty chunk), so every tensor gets its sums and its trust ratio written.
 struct TensorRow {
   int64_t w;            // address of the weights (or of the tensor, for a plain sum of squares)

@@ -193,9 +193,9 @@ void lars_norms_cpu(const int64_t* table, int64_t n, int64_t nch, int32_t mode, 
       if (do_g) sg += g_part[2 * c];
       if (do_wg) swg += g_part[2 * c + 1];
     }
-    if (sum_w && w_sq) w_sq[t] = sw;
-    if (do_g && g_sq) g_sq[t] = sg;
-    if (do_wg && wg) wg[t] = swg;
+    if (sum_w && w_sq) w_sq[t] = canonical(sw);
+    if (do_g && g_sq) g_sq[t] = canonical(sg);
+    if (do_wg && wg) wg[t] = canonical(swg);
     bad = bad || !is_finite(sw) || !is_finite(sg) || !is_finite(swg);
   }
   if (flag) *flag = bad ? 1 : 0;

@@ -37,7 +37,7 @@ static T* addr(int64_t a) {
 }
 
 // The LARS entry points take addresses (Python ints from tensor.data_ptr(), 0 = absent); the
-// tables and their checks are built by hvd_largebatch/ops.py. See cpu/lars_cpu.h.
+// tables and their checks are built by hvd_largebatch/lars/ops.py. See cpu/lars_cpu.h.
 static void lars_norms(int64_t table, int64_t n, int64_t nch, int32_t mode, int64_t w_part,
                        int64_t g_part, int64_t w_sq, int64_t g_sq, int64_t wg, int64_t flag,
                        int threads) {

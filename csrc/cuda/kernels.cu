@@ -170,9 +170,9 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     sg = warp_sum(sg);
     swg = warp_sum(swg);
     if (lane == 0) {
-      if (sum_w && w_sq) w_sq[t] = sw;
-      if (do_g && g_sq) g_sq[t] = sg;
-      if (do_wg && wg) wg[t] = swg;
+      if (sum_w && w_sq) w_sq[t] = canonical(sw);
+      if (do_g && g_sq) g_sq[t] = canonical(sg);
+      if (do_wg && wg) wg[t] = canonical(swg);
       bad |= !is_finite(sw) || !is_finite(sg) || !is_finite(swg);
     }
   }
@@ -239,30 +239,26 @@ void check_launch(const char* what) {
                              cudaGetErrorString(err));
 }
 
-// Makes `device` current for the launches and restores the caller's device afterwards.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) : device_(device) {
-    if (cudaGetDevice(&previous_) != cudaSuccess) check_launch("cudaGetDevice");
-    if (previous_ != device_ && cudaSetDevice(device_) != cudaSuccess) check_launch("cudaSetDevice");
-  }
-  ~DeviceGuard() {
-    if (previous_ != device_) cudaSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int device_;
-  int previous_ = -1;
-};
+// The launches go to the caller's current device, which must be `device`. Switching here would
+// be wrong twice over: cudaSetDevice creates a context on a device that had none (the caller's
+// previous device, when restoring it), and the caller's stream belongs to `device` anyway. The
+// Python layer (lars/ops.py) makes the tensors' device current with torch's own guard first.
+void require_current_device(int device) {
+  int current = -1;
+  if (cudaGetDevice(&current) != cudaSuccess) check_launch("cudaGetDevice");
+  if (current != device)
+    throw std::invalid_argument("hvd_largebatch CUDA: the tensors are on device " +
+                                std::to_string(device) + " but the current device is " +
+                                std::to_string(current) + "; make it current first "
+                                "(torch.cuda.device(" + std::to_string(device) + "))");
+}
 
 }  // namespace
 
 void lars_norms_cuda(int device, int64_t stream, const int64_t* table, int64_t n, int64_t nch,
                      int32_t mode, float* w_part, float* g_part, float* w_sq, float* g_sq,
                      float* wg, int32_t* flag) {
-  DeviceGuard guard(device);
+  require_current_device(device);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   if (mode & (kNormW | kNormG | kNormWG)) {
     norms_kernel<<<static_cast<unsigned>(nch), kThreads, 0, s>>>(table, n, mode, w_part, g_part);
@@ -277,7 +273,7 @@ void lars_update_cuda(int device, int64_t stream, const int64_t* table, int64_t 
                       const void* groups, int64_t ngroups, const float* w_sq, const float* g_sq,
                       const float* wg, float* ratios, int32_t* flag, bool check_sums,
                       bool skip_nonfinite, float* w_part) {
-  DeviceGuard guard(device);
+  require_current_device(device);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   if (check_sums) {
     check_sums_kernel<<<1, kFinalizeThreads, 0, s>>>(n, w_sq, g_sq, wg, flag);

@@ -1,7 +1,8 @@
 // CUDA multi-tensor LARS launchers (kernels.cu), bound in module.cpp. Same contract as the CPU
 // entry points (cpu/lars_cpu.h); the table, the partials and the outputs are device addresses,
 // `groups` is a host array copied into the kernel arguments. Everything is enqueued on `stream`
-// of `device` (the caller's current device is restored); nothing waits for the device.
+// of `device`, which must be the caller's current device (std::invalid_argument otherwise: no
+// device switch here, see kernels.cu); nothing waits for the device.
 #pragma once
 
 #include <cstdint>

@@ -35,7 +35,7 @@ static T* addr(int64_t a) {
 
 // The LARS entry points take the device index, the stream (cudaStream_t as an int) and addresses
 // (Python ints from tensor.data_ptr(), 0 = absent); tables and checks come from
-// hvd_largebatch/ops.py. See cuda/lars_cuda.h.
+// hvd_largebatch/lars/ops.py. See cuda/lars_cuda.h.
 static void lars_norms(int device, int64_t stream, int64_t table, int64_t n, int64_t nch,
                        int32_t mode, int64_t w_part, int64_t g_part, int64_t w_sq, int64_t g_sq,
                        int64_t wg, int64_t flag) {

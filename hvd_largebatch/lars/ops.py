@@ -11,8 +11,9 @@ synchronization).
 CPU and GPU: the norms are per-chunk fp32 partial sums (16 lanes on the CPU, a 256-thread block on
 the GPU, so the two devices add in different orders) added per tensor in chunk order; the trust
 ratio and the per-element update are the same ``csrc/lars_math.h`` functions on both (explicit fused
-multiply-adds, IEEE division and square root), so given the same sums the two devices write the
-same bits, except where the GPU flushes fp32 denormals to zero.
+multiply-adds, IEEE division and square root, no flush-to-zero), so given the same sums the two
+devices write the same bits, denormals included. Every NaN written (weights, momentum, trust
+ratios, sums) is the canonical NaN: 0x7fffffff in fp32, 0x7fff in fp16 and bf16.
 
 Functions (one native call each, tables built on the fly):
 
@@ -33,7 +34,8 @@ The maths (per tensor; lr, momentum m, weight decay beta, trust coefficient eta,
 * ``d = g + beta w``; trust ratio ``r = eta ||w|| / (||g|| + beta ||w|| + eps)`` (``denominator=
   "separate"``, You et al. 2017) or ``eta ||w|| / (||g + beta w|| + eps)`` (``"combined"``, as optax
   and SimCLR); ``r = 1`` without LARS (``lars=False``), when ``||w|| = 0`` or ``||g|| = 0``, and
-  when the combined denominator is 0. Weight decay applies in every case.
+  when the combined denominator is 0; ``r`` is NaN when a sum it reads is not finite (``||w||^2``,
+  ``||g||^2``, and ``<w, g>`` for the combined denominator). Weight decay applies in every case.
 * ``momentum_correction=True`` (torch form): ``u <- m u + r d; w <- w - lr u``.
   ``momentum_correction=False`` (paper / MLPerf form): ``v <- m v + lr r d; w <- w - v``. The two
   agree while lr is constant; when lr changes, the corrected form is Goyal et al.'s momentum
@@ -48,7 +50,9 @@ The maths (per tensor; lr, momentum m, weight decay beta, trust coefficient eta,
   taken on the device from the sums: no host synchronization.
 
 Devices: CPU tensors run in ``hvd_largebatch._C`` (OpenMP over ``torch.get_num_threads()``
-threads), CUDA tensors in ``hvd_largebatch._C_cuda`` (imported on first use) on the current stream.
+threads), CUDA tensors in ``hvd_largebatch._C_cuda`` (imported on first use) on the tensors'
+device and its current stream. The table goes to the GPU once per set of addresses
+(:class:`DeviceTables`): steps that re-bind gradients at addresses seen before upload nothing.
 Reductions are deterministic: per-chunk partial sums added in a fixed order (no atomics), so the
 results do not depend on the number of threads. :mod:`hvd_largebatch.lars.reference` has the same
 maths in plain PyTorch.
@@ -58,6 +62,7 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
+from collections import OrderedDict
 from dataclasses import dataclass
 from operator import attrgetter, is_
 from typing import NamedTuple, Sequence
@@ -206,6 +211,10 @@ class _CpuBackend:
 
 
 class _CudaBackend:
+    """The CUDA entry points, called on the tensors' device and its current stream. The device is
+    made current with torch's guard when another one is (the native side never switches: see
+    csrc/cuda/kernels.cu); torch's guard creates no context on the device it restores."""
+
     def __init__(self, device: torch.device):
         try:
             self._C = importlib.import_module("hvd_largebatch._C_cuda")
@@ -215,14 +224,18 @@ class _CudaBackend:
                 f"missing: {exc}); rebuild with nvcc on PATH or HVD_LARGEBATCH_CUDA=1") from exc
         self._index = device.index if device.index is not None else torch.cuda.current_device()
 
-    def _stream(self) -> int:
-        return torch.cuda.current_stream(self._index).cuda_stream
+    def _call(self, entry, args) -> None:
+        if torch.cuda.current_device() == self._index:
+            entry(self._index, torch.cuda.current_stream(self._index).cuda_stream, *args)
+            return
+        with torch.cuda.device(self._index):
+            entry(self._index, torch.cuda.current_stream(self._index).cuda_stream, *args)
 
     def norms(self, *args):
-        self._C.lars_norms(self._index, self._stream(), *args)
+        self._call(self._C.lars_norms, args)
 
     def update(self, *args):
-        self._C.lars_update(self._index, self._stream(), *args)
+        self._call(self._C.lars_update, args)
 
 
 _CPU_BACKEND: _CpuBackend | None = None
@@ -298,6 +311,43 @@ def _check_sums(name: str, t, n: int, device: torch.device) -> None:
 # the table
 
 
+class DeviceTables:
+    """Device copies of a tensor table, one per distinct content of its host rows (at most
+    ``capacity``, the least recently used dropped first).
+
+    Gradients are often re-created every step, at addresses seen before: after
+    ``zero_grad(set_to_none=True)`` a caching allocator hands the same blocks back, and sharded
+    optimizer state alternates between the local gradient and the reduced shard. Re-binding to
+    such addresses finds its copy here and uploads nothing. A copy is never overwritten (a queued
+    kernel may still read it). ``uploads`` counts the copies made.
+    """
+
+    def __init__(self, upload, capacity: int = 4):
+        self._upload = upload  # host int64 array -> device tensor holding a copy
+        self._capacity = capacity
+        self._copies: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.uploads = 0
+
+    def get(self, host: np.ndarray) -> torch.Tensor:
+        key = host.tobytes()
+        copy = self._copies.get(key)
+        if copy is None:
+            copy = self._copies[key] = self._upload(host)
+            self.uploads += 1
+            if len(self._copies) > self._capacity:
+                self._copies.popitem(last=False)
+        else:
+            self._copies.move_to_end(key)
+        return copy
+
+
+def _upload_to(device: torch.device):
+    def upload(host: np.ndarray) -> torch.Tensor:
+        # pinned staging makes the copy asynchronous on the current stream
+        return torch.from_numpy(host).pin_memory().to(device, non_blocking=True)
+    return upload
+
+
 class LayoutChanged(ValueError):
     """A tensor given to :meth:`TensorTable.rebind` no longer has the element count of its row."""
 
@@ -362,6 +412,9 @@ class TensorTable:
             self._set_grads(list(grads))
         self._set_buffers(momentum_buffers)
 
+        #: device copies of the table (None on the CPU, where the kernels read ``_host``)
+        self.device_tables = None if self.device.type == "cpu" else DeviceTables(
+            _upload_to(self.device))
         self._device_table: torch.Tensor | None = None
         f32 = dict(dtype=torch.float32, device=self.device)
         self._w_part = torch.zeros(self.nch, **f32)
@@ -464,13 +517,10 @@ class TensorTable:
         return self
 
     def _table_ptr(self) -> int:
-        if self.device.type == "cpu":
+        if self.device_tables is None:
             return self._host.ctypes.data
-        if self._dirty:
-            # a new device tensor each time (never overwrite one a queued kernel may still read);
-            # pinned staging makes the copy asynchronous
-            staged = torch.from_numpy(self._host).pin_memory()
-            self._device_table = staged.to(self.device, non_blocking=True)
+        if self._dirty or self._device_table is None:
+            self._device_table = self.device_tables.get(self._host)
             self._dirty = False
         return self._device_table.data_ptr()
 

@@ -263,6 +263,15 @@ class FusedLARS(torch.optim.Optimizer):
             raise RuntimeError("last_step_skipped: no step has been taken")
         return self._last.skipped.reshape(())
 
+    def table_uploads(self) -> int:
+        """Host-to-device copies of the current tensor table so far (0 on the CPU, where the
+        kernels read the host table). Constant in the steady state: steps whose gradients sit at
+        addresses seen before reuse a copy (:class:`~hvd_largebatch.lars.ops.DeviceTables`)."""
+        binding = self._binding
+        if binding is None or binding.table.device_tables is None:
+            return 0
+        return binding.table.device_tables.uploads
+
     def last_step_info(self) -> LarsStepInfo | None:
         """The :class:`~hvd_largebatch.lars.ops.LarsStepInfo` of the last update (in table order)."""
         return self._last

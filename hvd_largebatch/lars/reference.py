@@ -8,6 +8,7 @@ sums) and is not meant for training.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -33,19 +34,23 @@ def lars_sumsq(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], *,
 def trust_ratio(w_sq: torch.Tensor, g_sq: torch.Tensor, wg: torch.Tensor | None, *,
                 weight_decay: float, trust_coefficient: float, eps: float, lars: bool,
                 denominator: str) -> torch.Tensor:
-    """The layer-wise trust ratio from fp32 sums (0-dim tensors), 1 where LARS does not apply."""
+    """The layer-wise trust ratio from fp32 sums (0-dim tensors), 1 where LARS does not apply;
+    NaN when a sum it reads is not finite (``wg`` only for the combined denominator)."""
     one = torch.ones((), dtype=torch.float32, device=w_sq.device)
     if not lars:
         return one
+    read = [w_sq, g_sq] + ([wg] if denominator == "combined" else [])
+    finite = torch.isfinite(torch.stack(read)).all()
     w_norm, g_norm = w_sq.sqrt(), g_sq.sqrt()
     if denominator == "combined":
         d_sq = g_sq + weight_decay * (2 * wg + weight_decay * w_sq)
-        denom = d_sq.clamp(min=0).sqrt() + eps
+        denom = d_sq.clamp(min=0).sqrt() + eps  # rounding may make d_sq < 0; NaN stays NaN
         degenerate = (w_norm == 0) | (g_norm == 0) | (denom == 0)
     else:
         denom = g_norm + weight_decay * w_norm + eps
         degenerate = (w_norm == 0) | (g_norm == 0)
-    return torch.where(degenerate, one, trust_coefficient * w_norm / denom)
+    ratio = torch.where(degenerate, one, trust_coefficient * w_norm / denom)
+    return torch.where(finite, ratio, torch.full_like(one, math.nan))
 
 
 def lars_update_(params, grads, momentum_buffers, w_sumsq, g_sumsq, wg_dot=None, *, lr,

@@ -7,9 +7,9 @@ The line, run on every rank by :func:`agreed_run` (the only collective here):
    (sizes, class count), or ``--synthetic``'s rehearsal of the job (:func:`rehearsal_schedule`,
    :func:`rehearsal_config`);
 2. **schedule**: ``schedule:`` resolved for the training set's size (``build_schedule``);
-3. **device** (:func:`resolve_device`) and **micro-batch plan** (:func:`micro_batch_plan`:
-   micro-batches per iteration in each phase, so that per-rank batch / micro-batches <=
-   ``train.max_per_rank_batch``);
+3. **device** (:func:`resolve_device`: the rank's GPU, made current) and **micro-batch plan**
+   (:func:`micro_batch_plan`: micro-batches per iteration in each phase, so that per-rank batch
+   / micro-batches <= ``train.max_per_rank_batch``);
 4. **model**, **sampler** and the **checkpoint** to resume from (:func:`setup_run`);
 5. **optimizer** (:func:`build_optimizer`) and 6. **loaders** (:func:`train_loader`,
    :func:`val_loader`): built by the trainer from the ``Run``, because the optimizer's
@@ -148,7 +148,9 @@ class Run:
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
-    """``train.device``: auto (CUDA device ``local_rank`` when available, else CPU), cpu, cuda."""
+    """``train.device``: auto (CUDA device ``local_rank`` when available, else CPU), cpu, cuda.
+    A CUDA device is made this process's current device (once per rank: every kernel, stream and
+    allocation of the rank then goes to its own GPU, and no other GPU gets a context)."""
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -157,7 +159,9 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     if local_rank >= count:
         raise ConfigError("train.device", f"local rank {local_rank} has no GPU: this node has "
                           f"{count}; launch at most {count} ranks per node")
-    return torch.device("cuda", local_rank)
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return device
 
 
 def micro_batch_plan(schedule: Schedule, world_size: int, max_per_rank_batch: int) -> tuple[int, ...]:

@@ -75,3 +75,34 @@ def test_setup_rejects_bad_cuda_mode():
                           text=True, env={**os.environ, "HVD_LARGEBATCH_CUDA": "maybe"})
     assert proc.returncode != 0
     assert "HVD_LARGEBATCH_CUDA must be auto, 0 or 1" in proc.stderr
+
+
+def _setup_with(tmp_path: Path, nvcc_release: str, torch_cuda: str | None):
+    """``setup.py --name`` with a stand-in nvcc of that release and a stand-in torch built for
+    ``torch_cuda`` (None: a CPU build)."""
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {nvcc_release}, "
+                    f"V{nvcc_release}.1'\n")
+    nvcc.chmod(0o755)
+    fake = tmp_path / "fake" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(f"__version__ = '9.9.9'\nclass version:\n"
+                                      f"    cuda = {torch_cuda!r}\n")
+    env = {**os.environ, "NVCC": str(nvcc), "HVD_LARGEBATCH_CUDA": "1",
+           "PYTHONPATH": str(tmp_path / "fake")}
+    return subprocess.run([os.sys.executable, "setup.py", "--name"], cwd=REPO,
+                          capture_output=True, text=True, env=env)
+
+
+def test_setup_stops_when_nvcc_is_not_torchs_cuda(tmp_path):
+    proc = _setup_with(tmp_path, "13.0", "12.4")
+    assert proc.returncode != 0
+    assert ("is CUDA 13 but this PyTorch (9.9.9) was built for CUDA 12.4" in proc.stderr
+            and "HVD_LARGEBATCH_CUDA=0" in proc.stderr), proc.stderr
+
+
+@pytest.mark.parametrize("torch_cuda", ["13.1", None], ids=["same-major", "cpu-torch"])
+def test_setup_accepts_nvcc_of_torchs_cuda_major(tmp_path, torch_cuda):
+    proc = _setup_with(tmp_path, "13.0", torch_cuda)
+    assert proc.returncode == 0 and proc.stdout.split()[-1] == "hvd-largebatch", proc.stderr

@@ -5,7 +5,10 @@ Skipped on machines without a CUDA device (torch.cuda.is_available() is False).
 """
 from __future__ import annotations
 
+import importlib
 import itertools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,9 +18,10 @@ from hvd_largebatch import FusedLARS, ops, param_groups
 from hvd_largebatch.lars import reference as ref
 from hvd_largebatch.lars.reference import ReferenceLARS
 from test_ops import (DTYPES, HYPER, OPTIONS, SIZES, assert_buffers_close, assert_weights_close,
-                      check_nonfinite_skip, check_rounding, check_segments_with_layer_sums,
-                      check_table_carry, check_widening, clone_all, make_case, option_id,
-                      run_native_and_reference)
+                      bits, check_canonical_nans, check_infinite_gradient_gives_nan_ratio,
+                      check_nonfinite_skip, check_nonfinite_sum_gives_nan_ratio, check_rounding,
+                      check_segments_with_layer_sums, check_table_carry, check_widening,
+                      clone_all, make_case, option_id, run_native_and_reference)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device (torch.cuda.is_available() is False)")
@@ -66,10 +70,15 @@ def test_update_matches_reference_for_each_dtype_pair(w_dtype, g_dtype):
                          ids=lambda d: str(d).replace("torch.", ""))
 def test_cpu_and_gpu_compute_the_same_elements(w_dtype, g_dtype):
     """Same inputs and the same sums: the per-element maths of lars_math.h gives bitwise the same
-    weights, buffers and trust ratios on both devices (normal fp32 values: the GPU flushes
-    denormals)."""
-    sizes = [3, 5000, 70_001, 0]
+    weights, buffers and trust ratios on both devices, subnormal values included (no
+    flush-to-zero), and the same canonical NaN where a tensor meets a NaN (on_nonfinite
+    "propagate")."""
+    sizes = [3, 5000, 70_001, 0, 300]
     ws, gs, us = make_case(sizes, [w_dtype], [g_dtype])
+    for t in (ws[1], gs[1]):  # subnormals of the tensor's dtype, and of fp32 in the buffers
+        t[:64] = torch.finfo(t.dtype).tiny * torch.linspace(-0.9, 0.9, 64)
+    us[1][:64] = torch.finfo(torch.float32).tiny * torch.linspace(-0.9, 0.9, 64)
+    gs[4][11] = float("nan")
     sums = ops.lars_sumsq(ws, gs, dot=True)
     results = {}
     for device in ("cpu", CUDA):
@@ -77,12 +86,15 @@ def test_cpu_and_gpu_compute_the_same_elements(w_dtype, g_dtype):
         u = [t.to(device) for t in us]
         info = ops.lars_update_(w, [t.to(device) for t in gs], u, sums.w_sumsq.to(device),
                                 sums.g_sumsq.to(device), sums.wg_dot.to(device),
-                                lr=[0.7, 0.7, 0.1, 0.2], denominator=["separate", "combined"] * 2,
-                                nesterov=[False, True, True, False],
+                                lr=[0.7, 0.7, 0.1, 0.2, 0.3],
+                                denominator=["separate", "combined"] * 2 + ["separate"],
+                                nesterov=[False, True, True, False, False],
+                                on_nonfinite="propagate",
                                 **{k: v for k, v in HYPER.items() if k != "lr"})
         results[device] = [t.cpu() for t in w + u] + [info.trust_ratios.cpu()]
     for a, b in zip(results["cpu"], results[CUDA]):
-        assert torch.equal(a, b)
+        assert torch.equal(bits(a), bits(b))
+    assert torch.isnan(results[CUDA][4].float()).all()  # the NaN tensor: canonical on both
 
 
 def test_more_groups_than_one_launch_holds():
@@ -111,6 +123,24 @@ def test_16_bit_conversions_match_torch(dtype):
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_nonfinite_grad_skips_the_whole_call(bad):
     check_nonfinite_skip(bad, CUDA)
+
+
+@pytest.mark.parametrize("on_nonfinite", ["skip", "propagate"])
+@pytest.mark.parametrize("which", ["w", "g", "wg"])
+@pytest.mark.parametrize("denominator", ["separate", "combined"])
+def test_nonfinite_sum_gives_a_nan_trust_ratio(denominator, which, on_nonfinite):
+    for bad in (float("inf"), float("nan")):
+        check_nonfinite_sum_gives_nan_ratio(denominator, which, bad, on_nonfinite, CUDA)
+
+
+@pytest.mark.parametrize("denominator", ["separate", "combined"])
+def test_infinite_gradient_gives_a_nan_trust_ratio(denominator):
+    check_infinite_gradient_gives_nan_ratio(denominator, CUDA)
+
+
+@pytest.mark.parametrize("w_dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_every_nan_written_is_the_canonical_nan(w_dtype):
+    check_canonical_nans(w_dtype, CUDA)
 
 
 def test_segments_with_full_layer_sums_equal_the_whole_layer_update():
@@ -195,6 +225,48 @@ def test_steps_do_not_synchronize_with_the_host():
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     assert not bool(opt.last_step_skipped())
+
+
+def test_steps_with_set_to_none_grads_upload_no_table():
+    """Backward allocates new gradients after zero_grad(set_to_none=True); the caching allocator
+    hands back the same blocks, so after the first steps no table is copied to the GPU again."""
+    model = _model()
+    opt = FusedLARS(param_groups(model, 1e-4), lr=0.1)
+    x = torch.randn(8, 3, 32, 32, device=CUDA)
+    counts = []
+    for _ in range(10):
+        opt.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        opt.step()
+        counts.append(opt.table_uploads())
+    assert counts[0] >= 1 and counts[-1] == counts[3], counts
+
+
+def test_native_entry_refuses_a_device_that_is_not_current():
+    table = ops.TensorTable([torch.ones(10, device=CUDA)])
+    native = importlib.import_module("hvd_largebatch._C_cuda")
+    other = torch.cuda.current_device() + 1
+    with pytest.raises(ValueError, match=f"tensors are on device {other} but the current device"):
+        native.lars_norms(other, 0, table._table_ptr(), table.n, table.nch, ops.NORM_W, 0, 0, 0,
+                          0, 0, 0)
+
+
+def test_another_device_gets_no_context():
+    """Tensors on device 1 while device 0 is current (and has no context): the op runs on device 1
+    and leaves device 0 current, still without a context."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    code = ("import torch; from hvd_largebatch import ops\n"
+            "t = torch.randn(1000, device='cuda:1')\n"
+            "assert not torch._C._cuda_hasPrimaryContext(0)\n"
+            "out = ops.sum_of_squares([t]).cpu()\n"
+            "assert torch.cuda.current_device() == 0\n"
+            "assert not torch._C._cuda_hasPrimaryContext(0), 'a context was created on device 0'\n"
+            "print(float(out[0]), float(t.cpu().pow(2).sum()))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    ours, theirs = map(float, proc.stdout.split())
+    assert ours == pytest.approx(theirs, rel=1e-5)
 
 
 def test_current_device_is_restored():

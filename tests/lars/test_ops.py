@@ -455,6 +455,101 @@ def test_nonfinite_supplied_sums_skip_the_call():
     assert all(torch.equal(a, b) for a, b in zip(ws, before))
 
 
+# non-finite sums give a non-finite trust ratio; every NaN written is the canonical one
+
+CANONICAL_NAN = {torch.float32: 0x7fffffff, torch.float16: 0x7fff, torch.bfloat16: 0x7fff}
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor as non-negative int64."""
+    width = 32 if t.dtype == torch.float32 else 16
+    return t.view(_INT_VIEW[t.dtype]).to(torch.int64) & ((1 << width) - 1)
+
+
+def assert_canonical_nan(t: torch.Tensor) -> None:
+    nan = torch.isnan(t.float())
+    assert nan.any(), "expected NaNs"
+    assert (bits(t)[nan] == CANONICAL_NAN[t.dtype]).all(), [hex(b) for b in bits(t)[nan].tolist()]
+
+
+# separate: eta ||w|| / (||g|| + beta ||w||) = 0.02 * 2 / (3 + 0.05 * 2) for w_sq 4, g_sq 9
+FINITE_SUMS = {"w": 4.0, "g": 9.0, "wg": 1.0}
+
+
+def check_nonfinite_sum_gives_nan_ratio(denominator, which, bad, on_nonfinite, device):
+    sums = {k: torch.tensor([v], device=device) for k, v in FINITE_SUMS.items()}
+    sums[which][0] = bad
+    ws, gs, us = make_case([50], [torch.float32], [torch.float32], device=device)
+    before = clone_all(ws)
+    info = ops.lars_update_(ws, gs, us, sums["w"], sums["g"], sums["wg"],
+                            **{**HYPER, "denominator": denominator, "on_nonfinite": on_nonfinite})
+    expected = ref.trust_ratio(sums["w"][0].cpu(), sums["g"][0].cpu(), sums["wg"][0].cpu(),
+                               weight_decay=HYPER["weight_decay"], eps=0.0, lars=True,
+                               trust_coefficient=HYPER["trust_coefficient"],
+                               denominator=denominator)
+    ratio = info.trust_ratios.cpu()
+    assert bool(info.nonfinite.item())  # the flag covers every sum given, wg included
+    if which == "wg" and denominator == "separate":  # the separate ratio does not read <w, g>
+        assert ratio.item() == pytest.approx(0.02 * 2 / (3 + 0.05 * 2), rel=1e-6)
+        assert ratio.item() == expected.item()
+    else:
+        assert torch.isnan(expected)
+        assert_canonical_nan(ratio)
+    if on_nonfinite == "skip":
+        assert torch.equal(ws[0], before[0])
+    elif torch.isnan(ratio).any():
+        assert_canonical_nan(ws[0])
+
+
+@pytest.mark.parametrize("on_nonfinite", ["skip", "propagate"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+@pytest.mark.parametrize("which", ["w", "g", "wg"])
+@pytest.mark.parametrize("denominator", ["separate", "combined"])
+def test_nonfinite_sum_gives_a_nan_trust_ratio(denominator, which, bad, on_nonfinite):
+    check_nonfinite_sum_gives_nan_ratio(denominator, which, bad, on_nonfinite, "cpu")
+
+
+def check_infinite_gradient_gives_nan_ratio(denominator, device):
+    """Through the whole op: an inf gradient element gave ratio 0 (separate) before."""
+    ws, gs, us = make_case([300, 40], [torch.float32], [torch.float32], device=device)
+    gs[0][7] = float("inf")
+    s = ops.lars_sumsq(ws, gs, dot=denominator == "combined")
+    info = ops.lars_update_(ws, gs, us, s.w_sumsq, s.g_sumsq, s.wg_dot,
+                            **{**HYPER, "denominator": denominator, "on_nonfinite": "propagate"})
+    assert_canonical_nan(info.trust_ratios[:1].cpu())
+    assert torch.isfinite(info.trust_ratios[1:]).all()
+
+
+@pytest.mark.parametrize("denominator", ["separate", "combined"])
+def test_infinite_gradient_gives_a_nan_trust_ratio(denominator):
+    check_infinite_gradient_gives_nan_ratio(denominator, "cpu")
+
+
+# NaNs of every sign and payload, as fp32 bits
+ODD_NANS = [0x7fc00000, 0xffc00000, 0x7f800001, 0xffbfffff, 0x7fa00000]
+
+
+def check_canonical_nans(w_dtype, device):
+    nans = torch.tensor(ODD_NANS, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    n = len(ODD_NANS)
+    w = torch.ones(n, dtype=w_dtype, device=device)
+    u = torch.zeros(n, device=device)
+    one = torch.ones(1, device=device)
+    ops.lars_update_([w], [nans.to(device)], [u], one, one, lr=0.5, momentum=0.9, lars=False,
+                     on_nonfinite="propagate")
+    assert_canonical_nan(w.cpu())
+    assert_canonical_nan(u.cpu())
+    s = ops.lars_sumsq([w], [nans.to(device)])
+    assert_canonical_nan(s.w_sumsq.cpu())
+    assert_canonical_nan(s.g_sumsq.cpu())
+
+
+@pytest.mark.parametrize("w_dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_every_nan_written_is_the_canonical_nan(w_dtype):
+    check_canonical_nans(w_dtype, "cpu")
+
+
 # ------------------------------------------------------------------------------------------------
 # the cached table
 
@@ -478,6 +573,43 @@ def check_table_carry(device):
 
 def test_table_rebinds_new_grads_and_carries_weight_sums():
     check_table_carry("cpu")
+
+
+def test_device_tables_copy_once_per_content():
+    made = []
+    tables = ops.DeviceTables(lambda host: made.append(host.copy()) or torch.from_numpy(made[-1]),
+                              capacity=2)
+    a, b, c = (np.arange(6, dtype=np.int64) + k for k in (0, 10, 20))
+    first = tables.get(a)
+    assert torch.equal(first, torch.from_numpy(a))
+    assert tables.get(b) is not first and tables.get(a.copy()) is first  # same content: a hit
+    assert tables.uploads == 2
+    tables.get(c)  # evicts b, the least recently used
+    assert tables.get(a) is first and tables.uploads == 3
+    tables.get(b)
+    assert tables.uploads == 4 and [m.tolist() for m in made] == [x.tolist() for x in (a, b, c, b)]
+
+
+def test_table_rebinding_to_known_addresses_uploads_nothing():
+    """On the CPU the kernels read the host table; here they read the copies of DeviceTables
+    instead, as on a GPU, so a stale copy would show as a wrong update."""
+    ws, gs, us = make_case([3000, 20_000, 5], [torch.float32], [torch.float32])
+    plain_w, plain_u = clone_all(ws), clone_all(us)
+    groups = ops.pack_groups([ops.LarsHyper(**HYPER)])
+    table = ops.TensorTable(ws, gs, us)
+    table.device_tables = ops.DeviceTables(lambda host: torch.from_numpy(host.copy()))
+    buffers = [[torch.empty_like(w) for w in ws] for _ in range(2)]  # sharded mode alternates
+    for step in range(7):
+        grads = buffers[step % 2] if step < 6 else [torch.empty_like(w) for w in ws]
+        for g in grads:
+            g.normal_()
+        table.rebind(grads=grads)
+        s = table.sumsq()
+        table.update_(s.w_sumsq, s.g_sumsq, None, groups, nonfinite=s.nonfinite)
+        fresh = ops.lars_sumsq(plain_w, grads)
+        ops.lars_update_(plain_w, grads, plain_u, fresh.w_sumsq, fresh.g_sumsq, **HYPER)
+        assert all(torch.equal(a, b) for a, b in zip(ws, plain_w)), step
+        assert table.device_tables.uploads == min(step + 1, 2) + (step == 6)
 
 
 def test_carried_weight_sums_are_dropped_when_weights_change_in_place():
