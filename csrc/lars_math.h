@@ -169,7 +169,7 @@ HVD_HD float sqrt_rn(float a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Hyperparameters of one parameter group (ops.py: GROUP_DTYPE has the same layout, 32 bytes).
+// Hyperparameters of one parameter group (ops.py: GROUP_DTYPE has the same layout, 64 bytes).
 enum GroupFlags : int32_t {
   kLars = 1,                // adapt the step with the trust ratio (else ratio = 1: plain SGD)
   kNesterov = 2,            // torch-style Nesterov momentum
@@ -177,6 +177,10 @@ enum GroupFlags : int32_t {
   kCombinedDenominator = 8  // ratio denominator ||g + beta w|| + eps (else ||g|| + beta ||w|| + eps)
 };
 
+// The four scheduled values may instead live in memory of the tensors' device (a 0-dim fp32
+// tensor each, e.g. the lr that a training loop updates in place every iteration): a non-zero
+// *_at address is read by the kernels when they run, not when they are launched, so a launch (or a
+// captured CUDA graph) stays valid while the schedule changes. eps and the flags are fixed.
 struct LarsGroup {
   float lr;
   float momentum;
@@ -185,8 +189,21 @@ struct LarsGroup {
   float eps;
   int32_t flags;
   float reserved[2];
+  const float* lr_at;  // 0: use the value above
+  const float* momentum_at;
+  const float* weight_decay_at;
+  const float* trust_coefficient_at;
 };
-static_assert(sizeof(LarsGroup) == 32, "LarsGroup must match ops.GROUP_DTYPE");
+static_assert(sizeof(LarsGroup) == 64, "LarsGroup must match ops.GROUP_DTYPE");
+
+// The group with its device-held values read (call where the kernel runs).
+HVD_HD LarsGroup resolved(LarsGroup g) {
+  if (g.lr_at) g.lr = *g.lr_at;
+  if (g.momentum_at) g.momentum = *g.momentum_at;
+  if (g.weight_decay_at) g.weight_decay = *g.weight_decay_at;
+  if (g.trust_coefficient_at) g.trust_coefficient = *g.trust_coefficient_at;
+  return g;
+}
 
 // The layer-wise trust ratio from the layer's sums (w_sq = ||w||^2, g_sq = ||g||^2, wg = <w, g>).
 //   separate: eta ||w|| / (||g|| + beta ||w|| + eps)       (You et al. 2017)

@@ -226,9 +226,11 @@ void lars_update_cpu(const int64_t* table, int64_t n, int64_t nch, const void* g
   }
   const bool skip = skip_nonfinite && *flag != 0;
 
+  std::vector<LarsGroup> resolved_groups(grp, grp + ngroups);
+  for (LarsGroup& gr : resolved_groups) gr = resolved(gr);
   std::vector<LarsCoeffs> coeffs(static_cast<size_t>(n));
   for (int64_t t = 0; t < n; ++t) {
-    const LarsGroup& gr = grp[rows[t].group];
+    const LarsGroup& gr = resolved_groups[rows[t].group];
     const float ratio = lars_trust_ratio(w_sq[t], g_sq[t], wg ? wg[t] : 0.0f, gr);
     ratios[t] = ratio;
     coeffs[t] = lars_coeffs(ratio, gr);

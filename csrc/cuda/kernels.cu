@@ -22,7 +22,9 @@ constexpr int kILP = 4;                   // loads in flight per thread and arra
 constexpr int kStride = kThreads * kILP;  // elements per block iteration
 constexpr int kWarps = kThreads / 32;
 constexpr int kFinalizeThreads = 1024;    // the one-block kernels
-constexpr int kMaxGroupsPerLaunch = 64;   // groups passed by value in the update's arguments
+// groups passed by value in the update's arguments: 48 x 64 bytes keeps them under the 4 KiB of
+// kernel parameters that every CUDA 12 / 13 toolkit accepts
+constexpr int kMaxGroupsPerLaunch = 48;
 
 struct GroupPack {
   LarsGroup g[kMaxGroupsPerLaunch];
@@ -199,7 +201,7 @@ __global__ void __launch_bounds__(kThreads)
   const TensorRow row = tensor_rows(table)[ch.tensor];
   const int64_t gi = row.group - pack.base;
   if (gi < 0 || gi >= pack.count) return;  // another launch handles this group
-  const LarsGroup grp = pack.g[gi];
+  const LarsGroup grp = resolved(pack.g[gi]);
   const int64_t t = ch.tensor;
   const float ratio = lars_trust_ratio(w_sq[t], g_sq[t], wg ? wg[t] : 0.0f, grp);
   if (ch.start == 0 && threadIdx.x == 0) ratios[t] = ratio;

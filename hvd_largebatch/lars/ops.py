@@ -77,10 +77,14 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 #: elements per chunk, the unit of parallel work: on CPU a few per thread's cache, on CUDA one
 #: thread block's work (small, so a ResNet-50 step has several blocks per SM and a short tail)
 CHUNK = {"cpu": 16384, "cuda": 4096}
-#: one hyperparameter group as the native modules read it (csrc/lars_math.h: LarsGroup)
+#: the hyperparameters that may be held on the device (0-dim fp32 tensors read by the kernels)
+DEVICE_HYPERS = ("lr", "momentum", "weight_decay", "trust_coefficient")
+#: one hyperparameter group as the native modules read it (csrc/lars_math.h: LarsGroup); a
+#: non-zero ``<name>_at`` is the address of a device-held value that replaces ``<name>``
 GROUP_DTYPE = np.dtype([("lr", "<f4"), ("momentum", "<f4"), ("weight_decay", "<f4"),
                         ("trust_coefficient", "<f4"), ("eps", "<f4"), ("flags", "<i4"),
-                        ("reserved", "<f4", (2,))])
+                        ("reserved", "<f4", (2,))]
+                       + [(f"{name}_at", "<i8") for name in DEVICE_HYPERS])
 FLAG_LARS, FLAG_NESTEROV, FLAG_MOMENTUM_CORRECTION, FLAG_COMBINED = 1, 2, 4, 8
 NORM_W, NORM_G, NORM_WG, SUM_W = 1, 2, 4, 8
 DENOMINATORS = ("separate", "combined")
@@ -99,42 +103,56 @@ _version = attrgetter("_version")
 
 
 class LarsHyper(NamedTuple):
-    """Hyperparameters of one group of tensors (see the module docstring for the maths)."""
+    """Hyperparameters of one group of tensors (see the module docstring for the maths).
 
-    lr: float
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    trust_coefficient: float = 0.001
+    ``lr``, ``momentum``, ``weight_decay`` and ``trust_coefficient`` may each be a number or a
+    0-dim fp32 tensor on the tensors' device, read by the kernels when they run (so a schedule can
+    update it in place, with no host synchronization and under a captured CUDA graph). A tensor's
+    value is not validated (that would synchronize); the caller keeps it finite and >= 0
+    (``trust_coefficient`` > 0). A tensor ``momentum`` counts as non-zero (buffers are kept).
+    """
+
+    lr: float | torch.Tensor
+    momentum: float | torch.Tensor = 0.9
+    weight_decay: float | torch.Tensor = 0.0
+    trust_coefficient: float | torch.Tensor = 0.001
     eps: float = 0.0
     nesterov: bool = False
     momentum_correction: bool = True
     lars: bool = True
     denominator: str = "separate"
 
-    def validated(self, where: str = "") -> "LarsHyper":
+    def validated(self, where: str = "", device: torch.device | None = None) -> "LarsHyper":
         """A normalized copy (floats, bools), or :class:`ConfigError` naming the bad field.
 
-        ``where`` prefixes the key in the error, e.g. ``"param_groups[1]."``.
+        ``where`` prefixes the key in the error, e.g. ``"param_groups[1]."``; ``device``: where
+        tensor-held values must live (None: not checked).
         """
         values = self._asdict()
         for name in ("lr", "momentum", "weight_decay", "trust_coefficient", "eps"):
             value = values[name]
+            if isinstance(value, torch.Tensor) and name in DEVICE_HYPERS:
+                _check_device_hyper(where + name, value, device)
+                continue
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise ConfigError(where + name, f"must be a number (got {value!r})")
+                kind = ("a number or a 0-dim fp32 tensor" if name in DEVICE_HYPERS
+                        else "a number")
+                raise ConfigError(where + name, f"must be {kind} (got {value!r})")
             value = float(value)
             if not math.isfinite(value) or abs(value) > _FP32_MAX:
                 raise ConfigError(where + name, f"must be finite in fp32 (got {value!r})")
             if value < 0:
                 raise ConfigError(where + name, f"must be >= 0 (got {value!r})")
             values[name] = value
-        if values["trust_coefficient"] <= 0:
+        eta = values["trust_coefficient"]
+        if not isinstance(eta, torch.Tensor) and eta <= 0:
             raise ConfigError(where + "trust_coefficient",
                               f"must be > 0 (got {values['trust_coefficient']!r})")
         for name in ("nesterov", "momentum_correction", "lars"):
             if not isinstance(values[name], (bool, np.bool_)):
                 raise ConfigError(where + name, f"must be True or False (got {values[name]!r})")
             values[name] = bool(values[name])
-        if values["nesterov"] and values["momentum"] == 0:
+        if values["nesterov"] and not LarsHyper(**values).has_momentum:
             raise ConfigError(where + "nesterov", "Nesterov momentum needs momentum > 0")
         if values["denominator"] not in DENOMINATORS:
             raise ConfigError(where + "denominator",
@@ -146,17 +164,39 @@ class LarsHyper(NamedTuple):
         """True when the trust ratio needs ``<w, g>`` (LARS with the combined denominator)."""
         return bool(self.lars) and self.denominator == "combined"
 
+    @property
+    def has_momentum(self) -> bool:
+        """True unless momentum is the number 0 (a device-held momentum may become non-zero)."""
+        return isinstance(self.momentum, torch.Tensor) or self.momentum != 0
+
     def flags(self) -> int:
         return ((FLAG_LARS if self.lars else 0) | (FLAG_NESTEROV if self.nesterov else 0)
                 | (FLAG_MOMENTUM_CORRECTION if self.momentum_correction else 0)
                 | (FLAG_COMBINED if self.denominator == "combined" else 0))
 
 
+def _check_device_hyper(key: str, value: torch.Tensor, device: torch.device | None) -> None:
+    if value.dtype != torch.float32 or value.dim() != 0:
+        raise ConfigError(key, "a device-held value must be a 0-dim float32 tensor (got "
+                          f"{tuple(value.shape)} {value.dtype})")
+    if device is not None and value.device != device:
+        raise ConfigError(key, f"is on {value.device} but the params are on {device}")
+
+
 def pack_groups(hypers: Sequence[LarsHyper]) -> np.ndarray:
-    """The native group array (``GROUP_DTYPE``) of validated hyperparameters."""
+    """The native group array (``GROUP_DTYPE``) of validated hyperparameters. A tensor-held value
+    is passed by address (its slot holds NaN: the kernels read the tensor); the tensors must
+    outlive every call that uses the array."""
     out = np.zeros(len(hypers), dtype=GROUP_DTYPE)
     for i, h in enumerate(hypers):
-        out[i] = (h.lr, h.momentum, h.weight_decay, h.trust_coefficient, h.eps, h.flags(), (0, 0))
+        row = out[i]
+        for name in DEVICE_HYPERS:
+            value = getattr(h, name)
+            if isinstance(value, torch.Tensor):
+                row[name], row[f"{name}_at"] = math.nan, value.data_ptr()
+            else:
+                row[name] = value
+        row["eps"], row["flags"] = h.eps, h.flags()
     return out
 
 
@@ -584,12 +624,13 @@ class TensorTable:
             raise TypeError("groups must come from ops.pack_groups")
         if len(groups) < self.num_groups:
             raise ValueError(f"the table uses {self.num_groups} groups; {len(groups)} given")
-        if (self._groups_missing_buffers.size
-                and (groups["momentum"][self._groups_missing_buffers] != 0).any()):
+        has_momentum = (groups["momentum"] != 0) | (groups["momentum_at"] != 0)
+        if self._groups_missing_buffers.size and has_momentum[self._groups_missing_buffers].any():
             momentum = groups["momentum"][self._rows[:, _COL_GROUP]]
-            i = next(i for i, u in enumerate(self._buffers) if u is None and momentum[i] != 0)
+            i = next(i for i, u in enumerate(self._buffers)
+                     if u is None and has_momentum[self._rows[i, _COL_GROUP]])
             raise ValueError(f"params[{i}] has no momentum buffer but its group has momentum "
-                             f"{momentum[i]:g}")
+                             f"{momentum[i]:g}" + (" (device-held)" if np.isnan(momentum[i]) else ""))
         flags = groups["flags"]
         needs_dot = (((flags & FLAG_LARS) != 0) & ((flags & FLAG_COMBINED) != 0)).any()
         if wg_dot is None and needs_dot:
@@ -653,7 +694,9 @@ def lars_update_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     a flat buffer. ``w_sumsq`` / ``g_sumsq`` / ``wg_dot``: fp32 ``[n]`` per-tensor ``||w||^2``,
     ``||g||^2``, ``<w, g>`` (``wg_dot`` only for ``denominator="combined"``), e.g. a whole layer's
     sums for each of its segments. Every hyperparameter is a number (or bool / str) for all tensors
-    or a sequence with one value per tensor. Returns a :class:`LarsStepInfo`.
+    or a sequence with one value per tensor; ``lr``, ``momentum``, ``weight_decay`` and
+    ``trust_coefficient`` may also be 0-dim fp32 tensors on the params' device (see
+    :class:`LarsHyper`). Returns a :class:`LarsStepInfo`.
     """
     params = list(params)
     n = len(params)
@@ -672,7 +715,7 @@ def lars_update_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     for values in zip(*columns):
         if values not in index_of:
             index_of[values] = len(hypers)
-            hypers.append(LarsHyper(*values).validated())
+            hypers.append(LarsHyper(*values).validated(device=params[0].device))
         group_index.append(index_of[values])
     table = TensorTable(params, grads, momentum_buffers, group_index)
     return table.update_(w_sumsq, g_sumsq, wg_dot, pack_groups(hypers),

@@ -31,6 +31,13 @@ segment its whole layer's sums. ``compute_sumsq(weights=..., grads=...)`` can al
 weight and gradient sums in separate passes (e.g. weights while the gradient allreduce is in
 flight). Non-finite sums from any rank skip the step on every rank that receives them.
 
+Device-held schedule: ``lr``, ``momentum``, ``weight_decay`` and ``trust_coefficient`` may be
+0-dim fp32 tensors on the params' device instead of numbers. The kernels read them when they run,
+so a training loop updates them in place (``group["lr"].fill_(lr)``: no host synchronization,
+no re-packing of the groups), and a captured CUDA graph of ``step()`` replays with the current
+values. Their values are not validated (that would synchronize); ``state_dict`` saves them and
+``load_state_dict`` copies loaded values into the same tensors.
+
 ``carry_weight_norms=True``: the update pass also leaves the per-chunk ``||w||^2`` of the new
 weights, so the next step's norm pass reads only the gradients (24 instead of 28 bytes per fp32
 element moved). Valid only while the weights are not modified between steps; this is checked with
@@ -61,7 +68,8 @@ class FusedLARS(torch.optim.Optimizer):
     """LARS / SGD with momentum over native multi-tensor kernels (see the module docstring).
 
     Args (defaults for every group; each may be overridden per group):
-        lr: learning rate (global, per update).
+        lr: learning rate (global, per update); a number or a 0-dim fp32 tensor on the params'
+            device (so may momentum, weight_decay and trust_coefficient: see the module doc).
         momentum: m; 0 disables the buffers.
         weight_decay: beta, applied as ``g + beta w`` (also where LARS is off).
         trust_coefficient: eta (0.001 in You et al. 2017).
@@ -98,7 +106,7 @@ class FusedLARS(torch.optim.Optimizer):
         super().add_param_group(param_group)
         index = len(self.param_groups) - 1
         group = self.param_groups[index]
-        _validate_group(group, f"param_groups[{index}].")
+        _validate_group(group, f"param_groups[{index}].", _params_device([group]))
         for i, p in enumerate(group["params"]):
             if p.dtype not in ops.DTYPE_CODES:
                 raise ConfigError(f"param_groups[{index}].params",
@@ -110,9 +118,11 @@ class FusedLARS(torch.optim.Optimizer):
         """The packed group array; re-validates the groups and the step-wide options (needs_dot,
         skip, carry, which groups have momentum) when any group value changed."""
         groups = self.param_groups
-        key = tuple(tuple(g[k] for k in _HYPER_KEYS + _STEP_KEYS) for g in groups)
+        key = tuple(tuple(map(_key, (g[k] for k in _HYPER_KEYS + _STEP_KEYS))) for g in groups)
         if key != self._hyper_key:
-            hypers = [_validate_group(g, f"param_groups[{i}].") for i, g in enumerate(groups)]
+            device = _params_device(groups)
+            hypers = [_validate_group(g, f"param_groups[{i}].", device)
+                      for i, g in enumerate(groups)]
             for k in _STEP_KEYS:
                 values = {g[k] for g in groups}
                 if len(values) > 1:
@@ -123,7 +133,9 @@ class FusedLARS(torch.optim.Optimizer):
             self._needs_dot = any(h.needs_dot for h in hypers)
             self._skip = groups[0]["on_nonfinite"] == "skip"
             self._carry = bool(groups[0]["carry_weight_norms"]) and not self._needs_dot
-            self._momentum_on = tuple(h.momentum != 0 for h in hypers)
+            self._momentum_on = tuple(h.has_momentum for h in hypers)
+            self._device_values = [g[k] for g in groups for k in ops.DEVICE_HYPERS
+                                   if isinstance(g[k], torch.Tensor)]  # kept alive: see pack
             self._hyper_key = key
         return self._packed
 
@@ -282,7 +294,13 @@ class FusedLARS(torch.optim.Optimizer):
         """Load as ``torch.optim.Optimizer`` does, but keep momentum buffers fp32 in the params'
         memory layout (the base class would cast them to a bf16 / fp16 param's dtype). Group keys
         the saved groups lack take this optimizer's defaults, so a ``torch.optim.SGD`` state
-        (whose ``momentum_buffer`` is the torch-form ``u``) continues as FusedLARS."""
+        (whose ``momentum_buffer`` is the torch-form ``u``) continues as FusedLARS.
+
+        Device-held hyperparameters stay the same tensor objects: the loaded values are copied
+        into them (a captured CUDA graph keeps reading them); a loaded tensor value for a
+        hyperparameter this optimizer holds as a number becomes a number."""
+        held = [{k: g[k] for k in ops.DEVICE_HYPERS if isinstance(g[k], torch.Tensor)}
+                for g in self.param_groups]
         buffers, state = {}, {}
         for key, value in state_dict["state"].items():
             if isinstance(value, dict) and "momentum_buffer" in value:
@@ -293,7 +311,13 @@ class FusedLARS(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-            _validate_group(group, f"param_groups[{index}].")
+            for key in ops.DEVICE_HYPERS:
+                loaded = group[key]
+                if key in held[index]:
+                    group[key] = held[index][key].fill_(loaded)
+                elif isinstance(loaded, torch.Tensor):
+                    group[key] = loaded.item()
+            _validate_group(group, f"param_groups[{index}].", _params_device([group]))
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         by_id = dict(zip(saved_ids, params))
@@ -328,8 +352,21 @@ class _Binding:
         return self._positions[device]
 
 
-def _validate_group(group: dict, where: str) -> LarsHyper:
-    hyper = LarsHyper(**{k: group[k] for k in _HYPER_KEYS}).validated(where)
+def _key(value):
+    """A group value as a cache key: a tensor by identity and address (comparing tensors by value
+    would synchronize with the device, and in-place updates must not re-pack the groups)."""
+    return ("tensor", id(value), value.data_ptr()) if isinstance(value, torch.Tensor) else value
+
+
+def _params_device(groups: list[dict]) -> torch.device | None:
+    for g in groups:
+        for p in g["params"]:
+            return p.device
+    return None
+
+
+def _validate_group(group: dict, where: str, device: torch.device | None = None) -> LarsHyper:
+    hyper = LarsHyper(**{k: group[k] for k in _HYPER_KEYS}).validated(where, device)
     if group["on_nonfinite"] not in ops.NONFINITE_POLICIES:
         raise ConfigError(where + "on_nonfinite",
                           f"must be one of {ops.NONFINITE_POLICIES} "

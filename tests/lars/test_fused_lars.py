@@ -465,3 +465,129 @@ def test_unsupported_param_dtype_is_rejected():
     with pytest.raises(ConfigError, match="float64"):
         FusedLARS([nn.Parameter(torch.zeros(2, dtype=torch.float64))])
     assert ops.DTYPE_CODES.keys() == {torch.float32, torch.float16, torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------------
+# hyperparameters held in tensors, read by the kernels when they run
+
+
+def momentum_at(step):
+    """Momentum changes too (Smith et al. scale it with the batch)."""
+    return 0.9 if step < 5 else 0.95
+
+
+def device_held(model, device="cpu", **options):
+    """FusedLARS whose lr, momentum, weight decay and trust coefficient are 0-dim tensors, and the
+    float-form twin's settings."""
+    groups = param_groups(model, weight_decay=5e-3)
+    for g in groups:
+        g["weight_decay"] = torch.tensor(g["weight_decay"], device=device)
+    opt = FusedLARS(groups, lr=torch.tensor(0.0, device=device),
+                    momentum=torch.tensor(0.0, device=device),
+                    trust_coefficient=torch.tensor(0.02, device=device), **options)
+    for g in opt.param_groups[1:]:  # one tensor per value, shared by the groups
+        g["lr"], g["momentum"] = opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]
+    return opt
+
+
+def set_schedule(opt, step):
+    """What the trainer does every iteration: floats assigned, or tensors filled in place."""
+    for g in opt.param_groups:
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"].fill_(lr_at(step))
+            g["momentum"].fill_(momentum_at(step))
+        else:
+            g["lr"], g["momentum"] = lr_at(step), momentum_at(step)
+
+
+@pytest.mark.parametrize("options", [{}, {"momentum_correction": False}, {"nesterov": True},
+                                     {"denominator": "combined"}, {"carry_weight_norms": True}],
+                         ids=option_id)
+def test_device_held_schedule_equals_the_float_form_bitwise(options):
+    held_model, float_model = twin_models(seed=2)
+    held = device_held(held_model, **options)
+    floats = FusedLARS(param_groups(float_model, weight_decay=5e-3), trust_coefficient=0.02,
+                       **options)
+    packed = []
+    for step in range(10):
+        for opt in (held, floats):
+            set_schedule(opt, step)
+        set_random_grads(step, held_model, float_model)
+        held.step()
+        floats.step()
+        packed.append(held._packed)
+    assert all(p is packed[0] for p in packed)  # filled in place: the groups were packed once
+    for p, q in zip(held_model.parameters(), float_model.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(held.state[p]["momentum_buffer"], floats.state[q]["momentum_buffer"])
+    assert torch.equal(held.last_trust_ratios(), floats.last_trust_ratios())
+
+
+def test_momentum_correction_stays_exact_with_a_device_held_lr():
+    """Goyal et al.: with u <- m u + d; w <- w - lr u, an lr change rescales the step and leaves u
+    alone; in the raw form v <- m v + lr d the old lr stays inside v. By hand, one scalar weight,
+    no LARS, g = 1: lr 0.1 then 0.2."""
+    for correction, expected in ((True, 10.0 - 0.1 * 1 - 0.2 * (0.9 + 1)),
+                                 (False, 10.0 - 0.1 * 1 - (0.9 * 0.1 + 0.2))):
+        w = nn.Parameter(torch.tensor([10.0]))
+        lr = torch.tensor(0.1)
+        opt = FusedLARS([w], lr=lr, momentum=0.9, lars=False, momentum_correction=correction)
+        for value in (0.1, 0.2):
+            lr.fill_(value)
+            w.grad = torch.ones(1)
+            opt.step()
+        assert w.item() == pytest.approx(expected, rel=1e-6), correction
+
+
+def test_state_dict_round_trip_keeps_the_device_held_tensors():
+    straight_model, resumed_model = twin_models(seed=5)
+    straight, resumed = device_held(straight_model), device_held(resumed_model)
+    for step in range(4):
+        for opt in (straight, resumed):
+            set_schedule(opt, step)
+        set_random_grads(step, straight_model, resumed_model)
+        straight.step()
+        resumed.step()
+    buffer = io.BytesIO()
+    torch.save(resumed.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = device_held(resumed_model)  # new tensors, holding other values
+    lr_tensor = fresh.param_groups[0]["lr"]
+    fresh.load_state_dict(torch.load(buffer))
+    assert fresh.param_groups[0]["lr"] is lr_tensor and lr_tensor.item() == pytest.approx(lr_at(3))
+    assert fresh.param_groups[0]["weight_decay"].item() == pytest.approx(5e-3)
+    for step in range(4, 8):
+        for opt in (straight, fresh):
+            set_schedule(opt, step)
+        set_random_grads(step, straight_model, resumed_model)
+        straight.step()
+        fresh.step()
+    for p, q in zip(straight_model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_loading_device_held_values_into_a_float_form_optimizer_gives_numbers():
+    model, twin = twin_models(seed=6)
+    held = device_held(model)
+    set_schedule(held, 2)
+    floats = FusedLARS(param_groups(twin, 1e-3))
+    floats.load_state_dict(held.state_dict())
+    assert floats.param_groups[0]["lr"] == pytest.approx(lr_at(2))
+    assert isinstance(floats.param_groups[0]["lr"], float)
+
+
+@pytest.mark.parametrize("value,message", [
+    (torch.tensor(0.1, dtype=torch.float64), r"0-dim float32 tensor \(got \(\) torch.float64\)"),
+    (torch.tensor([0.1]), r"0-dim float32 tensor \(got \(1,\) torch.float32\)"),
+    (torch.tensor(0.1, device="meta"), "is on meta but the params are on cpu"),
+])
+def test_bad_device_held_values_are_named(value, message):
+    model, _ = twin_models()
+    with pytest.raises(ConfigError, match=r"lr: .*" + message):
+        FusedLARS(param_groups(model, 1e-3), lr=value)
+
+
+def test_eps_cannot_be_device_held():
+    model, _ = twin_models()
+    with pytest.raises(ConfigError, match=r"eps: must be a number \(got tensor"):
+        FusedLARS(param_groups(model, 1e-3), eps=torch.tensor(0.1))
