@@ -5,8 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hvd-largebatch-installed
 NATIVE_SOURCES := $(wildcard csrc/*.h csrc/*/*.h csrc/*/*.cuh csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cpp)
 PYTEST_ARGS ?=
+# check-gpu runs with the machine's own interpreter (a lent GPU machine has CUDA torch, no venv)
+PYTHON ?= python3
+CHECK_GPU_ARGS ?=
 
-.PHONY: install run test bench clean distclean
+.PHONY: install run test bench check-gpu clean distclean
 
 install: $(STAMP)
 
@@ -23,6 +26,11 @@ test: install
 
 bench: install
 	@for b in benchmarks/bench_*.py; do echo "=== $$b"; $(PY) $$b || exit 1; done
+
+# on a GPU machine, no install: build in place, CUDA tests, benchmarks, Horovod/DALI when present,
+# one report (scripts/check_gpu.py); without a CUDA device it stops with one line saying why
+check-gpu:
+	$(PYTHON) scripts/check_gpu.py $(CHECK_GPU_ARGS)
 
 clean:
 	rm -rf build *.egg-info hvd_largebatch/*.so .pytest_cache .hypothesis

@@ -119,13 +119,14 @@ def make_variant(kind: str, device: str, seed_model, grads):
     return model, opt
 
 
-def check_variants(variants) -> None:
-    """One step of every LARS variant from the same start must agree with the reference."""
-    ref_model = variants["reference loop"][0]
+def check_variants(variants, reference: str = "reference loop",
+                   not_lars: tuple[str, ...] = ("SGD foreach",)) -> None:
+    """One step of every LARS variant from the same start must agree with ``reference``."""
+    ref_model = variants[reference][0]
     for kind, (model, opt) in variants.items():
         opt.step()
     for kind, (model, _) in variants.items():
-        if kind == "SGD foreach" or kind == "reference loop":
+        if kind in not_lars or kind == reference:
             continue
         for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
             scale = float(q.detach().abs().max()) + 1e-12
@@ -167,6 +168,12 @@ class _Copy:
         self.dst.copy_(self.src)
 
 
+def copy_floor_ms(numel: int, bytes_per_element: int, bandwidth: float) -> float:
+    """Milliseconds a step that moves ``bytes_per_element`` bytes for each of ``numel`` values
+    needs at ``bandwidth`` bytes per second (read + write counted)."""
+    return bytes_per_element * numel / bandwidth * 1e3
+
+
 def copy_bandwidth(copy: _Copy, device: str) -> float:
     """Bytes per second of dst.copy_(src), counting the read and the write."""
     return 2 * 4 * copy.src.numel() / (time_steps(copy, 3, device) / 1e3)
@@ -193,7 +200,7 @@ def bench_device(device: str, repeats: int, steps: int) -> dict:
         bw_samples.append(copy_bandwidth(copy, device))
     ms = {k: statistics.median(v) for k, v in samples.items()}
     bw = statistics.median(bw_samples)
-    floor = {v: BYTES_PER_ELEMENT[v] * numel / bw * 1e3 for v in BYTES_PER_ELEMENT}
+    floor = {v: copy_floor_ms(numel, BYTES_PER_ELEMENT[v], bw) for v in BYTES_PER_ELEMENT}
     return {"ms": ms, "bandwidth": bw, "floor": floor, "numel": numel,
             "tensors": len(grads)}
 

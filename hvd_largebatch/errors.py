@@ -19,3 +19,13 @@ class DataError(RuntimeError):
 
 class DistributedMismatchError(RuntimeError):
     """Ranks disagree on something that must be identical on all of them."""
+
+
+class DeviceError(RuntimeError):
+    """A device failed (CUDA error, out of memory, decoder engine failure): not the data's fault.
+
+    ``device`` names it (``cuda:0``, ``cpu``) and is part of the message."""
+
+    def __init__(self, device: str, message: str):
+        self.device = device
+        super().__init__(f"{device}: {message}")

@@ -14,6 +14,9 @@
 #   PYTHON                 interpreter for the venv (default python3; 3.10+)
 #   TORCH_SPEC             pip requirement for torch (default torch==2.13.0; on a GPU cluster use
 #                          the CUDA build you run, e.g. "torch==2.13.0" from the CUDA index)
+#   DALI_SPEC              pip requirement for DALI (default: the build matching torch's CUDA major:
+#                          nvidia-dali-cuda120 for CUDA 12, nvidia-dali-cuda130 for CUDA 13 or a CPU
+#                          torch; with a CUDA torch also the NPP, nvJPEG and cuFFT wheels DALI loads)
 #   HVD_LARGEBATCH_CUDA    auto|1|0: build the CUDA kernels (0 = CPU-only, no nvcc needed)
 #   NVCC                   the nvcc to use (default: PATH, then $CUDA_HOME/bin, /usr/local/cuda/bin)
 #   HVD_LARGEBATCH_CACHE   wheel / source / log cache (default ~/.cache/hvd-largebatch)
@@ -25,7 +28,7 @@ VENV="$ROOT/.venv"
 STAMP="$VENV/.hvd-largebatch-installed"
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-DALI_SPEC=${DALI_SPEC:-nvidia-dali-cuda130==2.4.0}
+DALI_VERSION=2.4.0
 HOROVOD_VERSION=0.28.1
 CACHE=${HVD_LARGEBATCH_CACHE:-$HOME/.cache/hvd-largebatch}
 LOGS="$CACHE/logs"
@@ -97,11 +100,31 @@ STEP="virtual environment"
 [ -x "$VENV/bin/python" ] || logged "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 
+STEP="PyTorch"
+say "PyTorch ($TORCH_SPEC)"
+logged "${PIP[@]}" install "$TORCH_SPEC"
+TORCH_CUDA=$("$VENV/bin/python" -c 'import torch; print((torch.version.cuda or "").split(".")[0])')
+
 STEP="Python packages"
-say "Python packages (torch: $TORCH_SPEC, DALI: $DALI_SPEC)"
+# DALI's CUDA build must match torch's CUDA major. A CUDA build of DALI loads NPP, nvJPEG and cuFFT
+# from the NVIDIA wheels next to it (its RUNPATH names nvidia/{npp,nvjpeg,cufft}/lib and
+# nvidia/cu13/lib); pip installs only those missing. A CPU torch keeps the CUDA 13 build alone,
+# as DALI's CPU operators need none of them.
+DALI_LIBS=()
+if [ -z "${DALI_SPEC:-}" ]; then
+  case "$TORCH_CUDA" in
+    12) DALI_SPEC="nvidia-dali-cuda120==$DALI_VERSION"
+        DALI_LIBS=(nvidia-npp-cu12 nvidia-nvjpeg-cu12 nvidia-cufft-cu12) ;;
+    13) DALI_SPEC="nvidia-dali-cuda130==$DALI_VERSION"
+        DALI_LIBS=("nvidia-npp>=13,<14" "nvidia-nvjpeg>=13,<14" "nvidia-cufft>=12,<13") ;;
+    "") DALI_SPEC="nvidia-dali-cuda130==$DALI_VERSION" ;;
+    *) die "torch is built for CUDA $TORCH_CUDA, DALI $DALI_VERSION only for CUDA 12 and 13: set DALI_SPEC" ;;
+  esac
+fi
+say "Python packages (torch CUDA: ${TORCH_CUDA:-none}; DALI: $DALI_SPEC${DALI_LIBS[*]:+ with ${DALI_LIBS[*]}})"
 logged "${PIP[@]}" install "$TORCH_SPEC" numpy pyyaml psutil cloudpickle packaging \
   "setuptools>=64" wheel "pybind11>=2.12" mpi4py pytest pytest-timeout hypothesis \
-  "$DALI_SPEC" scikit-learn matplotlib tensorboard pillow tqdm
+  "$DALI_SPEC" "${DALI_LIBS[@]}" scikit-learn matplotlib tensorboard pillow tqdm
 
 STEP="Horovod"
 TORCH_VERSION=$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')
@@ -138,14 +161,9 @@ else
         -d "$CACHE/src" >>"$BUILD_LOG" 2>&1 || die "could not download the Horovod source release" "$BUILD_LOG"
     fi
     WORK=$(mktemp -d)
-    tar -xzf "$SRC" -C "$WORK" >>"$BUILD_LOG" 2>&1 ||
-      die "the Horovod source $SRC is unreadable (delete it to download again)" "$BUILD_LOG"
-    HSRC="$WORK/horovod-$HOROVOD_VERSION"
-    # Horovod 0.28.1 asks for C++14; PyTorch >= 2.1 headers need C++17 (horovod #3998, on master only)
-    sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' \
-      "$HSRC/CMakeLists.txt" "$HSRC/horovod/torch/CMakeLists.txt"
-    grep -q 'CMAKE_CXX_STANDARD 17' "$HSRC/horovod/torch/CMakeLists.txt" ||
-      die "the C++17 patch did not apply to the Horovod source" "$BUILD_LOG"
+    # unpacks and applies the C++17 fix (PyTorch >= 2.1 headers need it; horovod #3998)
+    HSRC=$("$VENV/bin/python" "$ROOT/scripts/horovod_source.py" "$SRC" "$WORK" 2>>"$BUILD_LOG") ||
+      die "$(tail -n 1 "$BUILD_LOG")" "$BUILD_LOG"
     mkdir -p "$WHEEL_DIR.tmp"
     if ! (cd "$HSRC" && PATH="$VENV/bin:$PATH" HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 \
       HOROVOD_WITHOUT_MXNET=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 MAKEFLAGS="-j$(nproc)" \

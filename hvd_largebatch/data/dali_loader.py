@@ -12,6 +12,9 @@ that the other ranks do not wait forever in their next allreduce):
 * an image DALI cannot decode: DALI reports the batch; the loader re-checks the batch's files
   with Pillow and raises ``DataError`` naming the corrupt one(s).
 
+A device failure (a CUDA error, out of memory, the decoder engine failing) is not the data's
+fault: it raises ``DeviceError`` naming the device and DALI's message, without re-reading files.
+
 With ``skip_bad_files=True`` such samples are dropped from their micro-batch instead (the batch
 is one sample smaller on that rank), logged once as a warning and recorded in ``skipped``
 (sample index -> reason); a decoding failure costs a pipeline rebuild.
@@ -20,12 +23,18 @@ Reading happens on the calling thread while DALI's threads decode earlier batche
 ~25 us per 100 KB file from the page cache, 2-2.5% of the CPU pipeline's time per image on the
 benchmark machine (``benchmarks/bench_data.py``), so parallel external_source worker processes
 would gain at most that and would compete with DALI's threads for the cores; they are not used.
+
+Lifetime: the pipeline holds its ``external_source`` callback, which refers to the loader only
+weakly, so a dropped loader frees its pipeline (GPU decoder memory, pinned buffers, streams,
+threads) at once, without waiting for a garbage collection; ``close()`` frees it explicitly.
 """
 from __future__ import annotations
 
 import io
 import logging
 import os
+import re
+import weakref
 from collections import deque
 from typing import Iterator
 
@@ -36,9 +45,45 @@ from hvd_largebatch.data.sampler import GlobalSampler
 from hvd_largebatch.data.sources import FileIndex
 from hvd_largebatch.data.step_loader import TORCH_DTYPES, StepLoader, WorkItem
 from hvd_largebatch.data.transforms import ImageTransform
-from hvd_largebatch.errors import ConfigError, DataError
+from hvd_largebatch.errors import ConfigError, DataError, DeviceError
 
 log = logging.getLogger(__name__)
+
+
+# DALI messages that mean the device failed, not the file: CUDA runtime / driver errors, allocation
+# failures, nvJPEG / nvImageCodec failures that are not about the bitstream
+_DEVICE_FAILURE = re.compile(
+    r"CUDA error|cudaError\w*|CUDA_ERROR_\w+|out of memory|bad_alloc|CUDA allocation failed|"
+    r"illegal memory access|no CUDA-capable device|NVJPEG_STATUS_(?:ALLOCATOR_FAILURE|"
+    r"EXECUTION_FAILED|INTERNAL_ERROR|ARCH_MISMATCH|NOT_INITIALIZED)|"
+    r"NVIMGCODEC_STATUS_(?:ALLOCATOR_FAILURE|EXECUTION_FAILED|INTERNAL_ERROR|ARCH_MISMATCH)",
+    re.IGNORECASE)
+
+
+def device_failure(message: str) -> str | None:
+    """The part of a DALI error message that says a device failed, or None (then the data may
+    be at fault)."""
+    found = _DEVICE_FAILURE.search(message)
+    return found.group(0) if found else None
+
+
+def _line_with(message: str, part: str) -> str:
+    """The line of a (multi-line) DALI message that holds ``part``."""
+    return next(line.strip() for line in message.splitlines() if part in line)
+
+
+def _weak_source(loader: "DaliLoader"):
+    """The external_source callback: the loader's ``_next_encoded`` through a weak reference, so
+    that the pipeline does not keep its loader (and itself, through the loader) alive."""
+    method = weakref.WeakMethod(loader._next_encoded)
+
+    def source() -> list[np.ndarray]:
+        bound = method()
+        if bound is None:
+            raise RuntimeError("the DaliLoader feeding this pipeline has been closed")
+        return bound()
+
+    return source
 
 
 def _pillow_decode_error(data: np.ndarray) -> str | None:
@@ -104,11 +149,24 @@ class DaliLoader(StepLoader):
         self._pipe = self._build()
         self._idle = True  # no epoch in flight: the pipeline can start one
 
+    @property
+    def device(self) -> str:
+        """Where DALI runs the augmentations and the batches land: ``cpu`` or ``cuda:<id>``."""
+        return "cpu" if self.device_id is None else f"cuda:{self.device_id}"
+
+    def close(self) -> None:
+        """Free the DALI pipeline now (its threads, buffers and, on a GPU, decoder memory and
+        streams). The loader cannot produce batches afterwards; closing twice is harmless."""
+        self._pipe = None
+        self._pending.clear()
+        self._refeed.clear()
+        self._items = None
+
     # -- DALI side ----------------------------------------------------------------------------
     def _build(self):
         from hvd_largebatch.data.pipelines import build_pipeline
 
-        return build_pipeline(self._next_encoded, self.transform, train=self.train,
+        return build_pipeline(_weak_source(self), self.transform, train=self.train,
                               batch_size=self.max_micro_batch(), device_id=self.device_id,
                               num_threads=self.num_threads, seed=self._seed,
                               prefetch_depth=self.prefetch_depth)
@@ -143,7 +201,13 @@ class DaliLoader(StepLoader):
 
     def _recover(self, error: RuntimeError) -> None:
         """DALI failed on one of the pending micro-batches: name the undecodable files (raise),
-        or in skip mode drop them, rebuild and hand the pending micro-batches over again."""
+        or in skip mode drop them, rebuild and hand the pending micro-batches over again. A device
+        failure raises DeviceError at once: the files are not at fault."""
+        failure = device_failure(str(error))
+        if failure is not None:
+            raise DeviceError(self.device, f"DALI failed ({failure}) on a batch of "
+                              f"{sum(len(item.indices) for item in self._pending)} samples: "
+                              f"{_line_with(str(error), failure)}") from error
         suspects = [int(i) for item in self._pending for i in item.indices]
         bad = {}
         for i in suspects:
@@ -181,8 +245,8 @@ class DaliLoader(StepLoader):
         dtype = TORCH_DTYPES[self.transform.dtype]
         if len(indices) == 0:
             size = self.transform.crop_size
-            device = "cpu" if self.device_id is None else f"cuda:{self.device_id}"
-            return torch.empty((0, 3, size, size), dtype=dtype, device=device), labels.to(device)
+            return (torch.empty((0, 3, size, size), dtype=dtype, device=self.device),
+                    labels.to(self.device))
         if self.device_id is not None:
             return _gpu_tensor(images, dtype, self.device_id), labels.to(f"cuda:{self.device_id}")
         # A view of DALI's buffer, which the next outputs() call recycles: copy (or convert).
@@ -190,6 +254,8 @@ class DaliLoader(StepLoader):
         return (view.to(dtype) if view.dtype != dtype else view.clone()), labels
 
     def _produce(self, items):
+        if self._pipe is None:
+            raise RuntimeError("this DaliLoader has been closed; make a new one")
         if not self._idle:  # the last epoch was abandoned half-way: drop what is in flight
             self._pending.clear()
             self._refeed.clear()

@@ -5,8 +5,20 @@ carry a different number of samples, up to the ``batch_size`` the pipeline is bu
 largest per-rank micro-batch of the schedule): a batch-size change needs no rebuild.
 
 ``device_id=None`` builds a CPU-only pipeline (libjpeg-turbo decoding, CPU resize); an integer
-builds the GPU variant, which differs only in the decoder running as ``mixed`` (nvJPEG), after
-which DALI places the remaining operators on that GPU.
+builds the GPU variant, which differs only in the decoder running as ``mixed`` (nvJPEG through
+nvImageCodec), after which DALI places the remaining operators on that GPU.
+
+GPU and CPU decoding do not give the same pixels. nvJPEG upsamples the chroma planes of 4:2:0 /
+4:2:2 JPEGs differently from libjpeg-turbo unless ``jpeg_fancy_upsampling`` is set (it is, on the
+mixed decoder, to bring the two together), its IDCT rounds differently, and on GPUs with a
+hardware JPEG engine (A100, H100, H200) a share of every batch (DALI's ``hw_decoder_load``, 0.65
+by default) goes to that engine, whose output may differ again. How close GPU and CPU pixels come
+has not been measured by this package's tests (they run the CPU pipeline); bitwise agreement is
+not claimed.
+
+``build=False`` returns the pipeline with its graph defined but not built: on a machine without
+CUDA the GPU variant gets this far (``build()`` is the first step that needs a device), which
+lets the CPU tests check the GPU graph.
 """
 from __future__ import annotations
 
@@ -24,8 +36,8 @@ except ImportError as e:  # DALI is the optional "dali" extra
 
 def build_pipeline(source: Callable[[], list], transform: ImageTransform, *, train: bool,
                    batch_size: int, device_id: int | None, num_threads: int, seed: int,
-                   prefetch_depth: int = 2) -> Pipeline:
-    """Build (and return) the training or validation pipeline.
+                   prefetch_depth: int = 2, build: bool = True) -> Pipeline:
+    """Define, build (unless ``build=False``) and return the training or validation pipeline.
 
     Args:
         source: called once per iteration, returns a list of uint8 arrays (encoded files), at
@@ -33,17 +45,20 @@ def build_pipeline(source: Callable[[], list], transform: ImageTransform, *, tra
         batch_size: the largest per-rank batch the pipeline will be fed.
         seed: seeds DALI's augmentation random numbers (crop windows, flips).
         prefetch_depth: iterations DALI runs ahead of the consumer.
+        build: False returns the defined graph without building it (no device needed).
     """
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                     seed=seed, prefetch_queue_depth=prefetch_depth)
-    decoder_device = "cpu" if device_id is None else "mixed"
+    # the mixed decoder upsamples chroma as libjpeg-turbo does (see the module docstring)
+    decoder = {"device": "cpu"} if device_id is None else {"device": "mixed",
+                                                           "jpeg_fancy_upsampling": True}
     size = transform.crop_size
     with pipe:
         encoded = fn.external_source(source=source, batch=True, dtype=types.UINT8, ndim=1,
                                      name="encoded")
         if train:
             images = fn.decoders.image_random_crop(
-                encoded, device=decoder_device, output_type=types.RGB,
+                encoded, **decoder, output_type=types.RGB,
                 random_area=list(transform.scale), random_aspect_ratio=list(transform.ratio),
                 num_attempts=10)
             images = fn.resize(images, resize_x=size, resize_y=size,
@@ -51,7 +66,7 @@ def build_pipeline(source: Callable[[], list], transform: ImageTransform, *, tra
             mirror = fn.random.coin_flip(probability=0.5) if transform.flip else 0
             crop = {}
         else:
-            images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
+            images = fn.decoders.image(encoded, **decoder, output_type=types.RGB)
             images = fn.resize(images, resize_shorter=transform.resize_shorter, antialias=True)
             mirror = 0
             crop = {"crop": (size, size), "crop_pos_x": 0.5, "crop_pos_y": 0.5}
@@ -60,5 +75,6 @@ def build_pipeline(source: Callable[[], list], transform: ImageTransform, *, tra
             mean=[255.0 * m for m in transform.mean], std=[255.0 * s for s in transform.std],
             dtype=types.FLOAT16 if transform.dtype == "float16" else types.FLOAT, **crop)
         pipe.set_outputs(images)
-    pipe.build()
+    if build:
+        pipe.build()
     return pipe

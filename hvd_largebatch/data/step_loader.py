@@ -59,6 +59,9 @@ class StepLoader:
                 self.sampler.seek(item.epoch, item.step + 1)
             yield batch
 
+    def close(self) -> None:
+        """Release what the loader holds beyond its memory (DALI: the pipeline); a no-op here."""
+
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
 

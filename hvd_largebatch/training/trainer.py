@@ -259,6 +259,8 @@ class Trainer:
         """Drop the loader (its micro-batch count no longer applies)."""
         if self._batches is not None:
             self._batches.close()
+        if self._loader is not None:
+            self._loader.close()  # frees a DALI pipeline now, not at the next gc
         self._loader, self._loader_k, self._batches = None, None, None
 
     def _end_epoch(self, epoch: int) -> None:
