@@ -143,6 +143,7 @@ class BuildExt(build_ext):
         cu_sources = [s for s in ext.sources if s.endswith(".cu")]
         if cu_sources:
             ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
+            ext.depends = [*ext.depends, *cu_sources]  # a changed .cu re-links the module
             ext.extra_objects.extend(self._nvcc_compile(ext, cu_sources))
         super().build_extension(ext)
 
@@ -168,10 +169,17 @@ class BuildExt(build_ext):
         return objects
 
 
+def _headers() -> list[str]:
+    """Every header under csrc/: a change to one rebuilds both modules (build_ext only compares
+    the sources' timestamps otherwise, and would keep a module built from the old maths)."""
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / CSRC).rglob("*.h"))
+
+
 def _extensions() -> list[Pybind11Extension]:
     cpu = Pybind11Extension(
         "hvd_largebatch._C",
         sources=sorted(str(p.relative_to(ROOT)) for p in (ROOT / CSRC).glob("cpu/*.cpp")),
+        depends=_headers(),
         include_dirs=[CSRC],
         extra_compile_args=[*CXX_FLAGS, *_march_flags()],
         cxx_std=17,
@@ -188,6 +196,7 @@ def _extensions() -> list[Pybind11Extension]:
         cuda = Pybind11Extension(
             "hvd_largebatch._C_cuda",
             sources=sorted(str(p.relative_to(ROOT)) for p in (ROOT / CSRC).glob("cuda/*.c*")),
+            depends=_headers(),
             include_dirs=[CSRC, str(home / "include")],
             library_dirs=[str(home / "lib64")],
             # the static runtime: no libcudart.so needed at import; libcuda is dlopen'ed on use

@@ -188,13 +188,22 @@ struct LarsGroup {
   float trust_coefficient;
   float eps;
   int32_t flags;
-  float reserved[2];
+  // fp16 loss scaling: the gradients hold S times the true gradient, S at this address (one value
+  // for the step, on the tensors' device); the sums and the update use g / S. 0: not scaled.
+  const float* grad_scale_at;
   const float* lr_at;  // 0: use the value above
   const float* momentum_at;
   const float* weight_decay_at;
   const float* trust_coefficient_at;
 };
 static_assert(sizeof(LarsGroup) == 64, "LarsGroup must match ops.GROUP_DTYPE");
+
+// 1 / S for gradients scaled by a loss scale S (see grad_scale_at), else 1. With S a power of
+// two (dynamic loss scaling's), multiplying by 1 / S is exact: the step is bitwise the one of the
+// unscaled gradients, as long as neither overflows nor underflows.
+HVD_HD float grad_unscale(const LarsGroup& g) {
+  return g.grad_scale_at ? div_rn(1.0f, *g.grad_scale_at) : 1.0f;
+}
 
 // The group with its device-held values read (call where the kernel runs).
 HVD_HD LarsGroup resolved(LarsGroup g) {
@@ -212,8 +221,14 @@ HVD_HD LarsGroup resolved(LarsGroup g) {
 // denominator is 0. A non-finite sum that the ratio reads (w_sq and g_sq; wg too when combined)
 // gives the canonical NaN, whatever the other sums: an infinite gradient must not turn into a
 // ratio of 0 (separate) or a finite one (combined).
+//
+// g_sq and wg are the sums of the gradients as stored: with a loss scale S they are S^2 ||g||^2 and
+// S <w, g>, and are unscaled here.
 HVD_HD float lars_trust_ratio(float w_sq, float g_sq, float wg, const LarsGroup& grp) {
   if (!(grp.flags & kLars)) return 1.0f;
+  const float unscale = grad_unscale(grp);
+  g_sq = g_sq * unscale * unscale;
+  wg = wg * unscale;
   const bool combined = (grp.flags & kCombinedDenominator) != 0;
   if (!is_finite(w_sq) || !is_finite(g_sq) || (combined && !is_finite(wg)))
     return bits_float(kCanonicalNaN);
@@ -235,6 +250,7 @@ HVD_HD float lars_trust_ratio(float w_sq, float g_sq, float wg, const LarsGroup&
 
 // Per-tensor constants of the element update.
 struct LarsCoeffs {
+  float unscale;    // 1 / S: the stored gradient times this is the true gradient
   float alpha;      // scale of d inside the momentum: ratio (corrected form) or lr * ratio (raw form)
   float out_scale;  // scale of the step applied to w: lr (corrected form) or 1 (raw form)
   float momentum;
@@ -244,6 +260,7 @@ struct LarsCoeffs {
 HVD_HD LarsCoeffs lars_coeffs(float ratio, const LarsGroup& grp) {
   LarsCoeffs c;
   const bool corrected = (grp.flags & kMomentumCorrection) != 0;
+  c.unscale = grad_unscale(grp);
   c.alpha = corrected ? ratio : grp.lr * ratio;
   c.out_scale = corrected ? grp.lr : 1.0f;
   c.momentum = grp.momentum;
@@ -251,14 +268,15 @@ HVD_HD LarsCoeffs lars_coeffs(float ratio, const LarsGroup& grp) {
   return c;
 }
 
-// One element of the update, all in fp32. With a momentum buffer (u: its value, updated in place):
+// One element of the update, all in fp32 (g: the true gradient, i.e. the stored one / S). With a
+// momentum buffer (u: its value, updated in place):
 //   d = g + beta w;  s = alpha d;  u <- m u + s;  step = nesterov ? s + m u : u;  w <- w - out_scale step
 // Without one (momentum 0): step = s. A zero buffer makes the first step u = s, which is what
 // torch.optim.SGD's first step does (it copies d into the new buffer). u leaves canonical (the
 // returned weight is made canonical by from_float when it is stored).
 template <bool HasBuffer, bool Nesterov>
 HVD_HD float lars_element(float w, float g, float& u, const LarsCoeffs& c) {
-  const float d = fmaf(c.weight_decay, w, g);
+  const float d = fmaf(c.weight_decay, w, g * c.unscale);
   const float s = c.alpha * d;
   float step = s;
   if (HasBuffer) {

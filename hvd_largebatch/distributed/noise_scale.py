@@ -52,29 +52,36 @@ class NoiseScaleEstimator:
         self.steps = 0
         self._grad_sq: torch.Tensor | None = None
         self._trace: torch.Tensor | None = None
+        self._folded: torch.Tensor | None = None  # steps folded in (non-finite ones are not)
         self._last: dict[str, torch.Tensor] = {}
 
     def update(self, local_sq: torch.Tensor, global_sq: torch.Tensor, small_batch: float,
                large_batch: float) -> None:
         """Fold one step in: ``local_sq`` = ``|G_b|^2`` (mean over ranks), ``global_sq`` =
-        ``|G_B|^2``, 0-dim tensors; ``small_batch`` = b (per-rank), ``large_batch`` = B (global)."""
+        ``|G_B|^2``, 0-dim tensors; ``small_batch`` = b (per-rank), ``large_batch`` = B (global).
+        A step with non-finite norms (an overflow that skipped the update) leaves the averages
+        as they were, decided on the device (no synchronization)."""
         grad_sq, trace = unbiased_estimates(local_sq.float(), global_sq.float(), small_batch,
                                             large_batch)
         if self._grad_sq is None:
             self._grad_sq, self._trace = torch.zeros_like(grad_sq), torch.zeros_like(trace)
-        self._grad_sq.mul_(self.decay).add_(grad_sq, alpha=1.0 - self.decay)
-        self._trace.mul_(self.decay).add_(trace, alpha=1.0 - self.decay)
+            self._folded = torch.zeros_like(grad_sq)
+        finite = torch.isfinite(grad_sq) & torch.isfinite(trace)
+        for ema, value in ((self._grad_sq, grad_sq), (self._trace, trace)):
+            ema.copy_(torch.where(finite, ema * self.decay + value * (1.0 - self.decay), ema))
+        self._folded.add_(finite.to(self._folded.dtype))
         self.steps += 1
         self._last = {"local_sq": local_sq, "global_sq": global_sq, "grad_sq_step": grad_sq,
                       "trace_step": trace}
 
     def stats(self) -> dict[str, torch.Tensor | int]:
         """Tensors (no host synchronization): ``noise_scale`` (B_simple, samples), ``grad_sq`` and
-        ``trace`` (bias-corrected EMAs), the last step's ``local_sq``, ``global_sq``,
-        ``grad_sq_step``, ``trace_step``, and ``steps`` (int). Empty before the first update."""
+        ``trace`` (bias-corrected EMAs over the finite steps), the last step's ``local_sq``,
+        ``global_sq``, ``grad_sq_step``, ``trace_step``, and ``steps`` (int, every update). Empty
+        before the first update."""
         if self._grad_sq is None:
             return {}
-        correction = 1.0 - self.decay ** self.steps
+        correction = 1.0 - self.decay ** self._folded
         return {"noise_scale": self._trace / self._grad_sq,
                 "grad_sq": self._grad_sq / correction, "trace": self._trace / correction,
                 **self._last, "steps": self.steps}

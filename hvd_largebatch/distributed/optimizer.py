@@ -247,9 +247,15 @@ class DistributedOptimizer(torch.optim.Optimizer):
                               "optimizer.skip_synchronize(); the exchange runs only once")
             else:
                 self.synchronize()
+        loss_scale = getattr(self.optimizer, "loss_scale", None)
+        # the step updates the loss scale: take 1 / S^2 of the gradients' scale before it
+        unscale_sq = (loss_scale.scale.square().reciprocal()
+                      if loss_scale is not None and self._measure_noise else None)
         measured = self._exchange.step(self._measure_noise)
         self._synchronized = False
         if measured is not None:
+            if unscale_sq is not None:
+                measured = [m * unscale_sq for m in measured]
             b = self._global_batch / hvd.size()
             self._noise.update(*measured, small_batch=b, large_batch=self._global_batch)
         return loss

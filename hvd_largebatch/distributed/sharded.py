@@ -111,7 +111,8 @@ class ShardedExchange:
             it = iter(self.segment_params)
             for group, members in zip(optimizer.param_groups, by_group):
                 groups.append({**_hyper(group), "params": [next(it) for _ in members]})
-            self.shard_optimizer = type(optimizer)(groups, **optimizer.defaults)
+            self.shard_optimizer = type(optimizer)(
+                groups, **optimizer.defaults, loss_scale=getattr(optimizer, "loss_scale", None))
             table = self.shard_optimizer.step_params()
             if [t.data_ptr() for t in table] != [t.data_ptr() for t in self.segment_params]:
                 raise RuntimeError("the shard optimizer orders its tensors unlike its param_groups")
@@ -225,6 +226,9 @@ class ShardedExchange:
                 # one non-finite layer sum anywhere skips the step on every rank: 0 * inf = nan
                 mine = mine + full.sum() * 0.0
             shard_opt.step_with_sumsq(mine[0], mine[1], mine[2] if needs_dot else None)
+        elif getattr(self.optimizer, "loss_scale", None) is not None:
+            # no shard here, but the loss scale must move as on every other rank
+            self.optimizer.loss_scale.update(~torch.isfinite(full.sum()))
         handles = []
         for b, (flat, buf) in enumerate(zip(self.flat_params, self.layout.buffers)):
             lo, hi = buf.shard_range(self.rank)

@@ -5,13 +5,15 @@ their plain-PyTorch reference. It knows nothing of Horovod, data or training.
 * ``ops``: ``sum_of_squares``, ``lars_sumsq``, ``lars_update_`` and ``TensorTable`` over the
   native modules ``hvd_largebatch._C`` (C++/OpenMP) and ``_C_cuda`` (CUDA);
 * ``reference``: the same maths in PyTorch, the tests' oracle;
-* ``native``: ``build_info()``, what the native modules were built with.
+* ``native``: ``build_info()``, what the native modules were built with;
+* ``loss_scale``: ``DynamicLossScale``, fp16 loss scaling fused into the FusedLARS step.
 
-``FusedLARS`` and ``param_groups`` are loaded on first use (they import torch).
+``FusedLARS``, ``param_groups`` and ``DynamicLossScale`` are loaded on first use (they import
+torch).
 """
 from hvd_largebatch.lars.native import build_info
 
-__all__ = ["FusedLARS", "param_groups", "build_info"]
+__all__ = ["FusedLARS", "param_groups", "DynamicLossScale", "build_info"]
 
 
 def __getattr__(name):
@@ -19,4 +21,8 @@ def __getattr__(name):
         from hvd_largebatch.lars import optimizer
 
         return getattr(optimizer, name)
+    if name == "DynamicLossScale":
+        from hvd_largebatch.lars.loss_scale import DynamicLossScale
+
+        return DynamicLossScale
     raise AttributeError(f"module 'hvd_largebatch.lars' has no attribute {name!r}")

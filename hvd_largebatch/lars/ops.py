@@ -83,7 +83,7 @@ DEVICE_HYPERS = ("lr", "momentum", "weight_decay", "trust_coefficient")
 #: non-zero ``<name>_at`` is the address of a device-held value that replaces ``<name>``
 GROUP_DTYPE = np.dtype([("lr", "<f4"), ("momentum", "<f4"), ("weight_decay", "<f4"),
                         ("trust_coefficient", "<f4"), ("eps", "<f4"), ("flags", "<i4"),
-                        ("reserved", "<f4", (2,))]
+                        ("grad_scale_at", "<i8")]
                        + [(f"{name}_at", "<i8") for name in DEVICE_HYPERS])
 FLAG_LARS, FLAG_NESTEROV, FLAG_MOMENTUM_CORRECTION, FLAG_COMBINED = 1, 2, 4, 8
 NORM_W, NORM_G, NORM_WG, SUM_W = 1, 2, 4, 8
@@ -183,11 +183,14 @@ def _check_device_hyper(key: str, value: torch.Tensor, device: torch.device | No
         raise ConfigError(key, f"is on {value.device} but the params are on {device}")
 
 
-def pack_groups(hypers: Sequence[LarsHyper]) -> np.ndarray:
+def pack_groups(hypers: Sequence[LarsHyper], grad_scale: torch.Tensor | None = None) -> np.ndarray:
     """The native group array (``GROUP_DTYPE``) of validated hyperparameters. A tensor-held value
     is passed by address (its slot holds NaN: the kernels read the tensor); the tensors must
-    outlive every call that uses the array."""
+    outlive every call that uses the array. ``grad_scale``: the loss scale S (0-dim fp32 on the
+    tensors' device) when the gradients are scaled by it (fp16 loss scaling), else None."""
     out = np.zeros(len(hypers), dtype=GROUP_DTYPE)
+    if grad_scale is not None:
+        out["grad_scale_at"] = grad_scale.data_ptr()
     for i, h in enumerate(hypers):
         row = out[i]
         for name in DEVICE_HYPERS:
@@ -686,7 +689,7 @@ def lars_update_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                  w_sumsq: torch.Tensor, g_sumsq: torch.Tensor, wg_dot: torch.Tensor | None = None,
                  *, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, eps=0.0,
                  nesterov=False, momentum_correction=True, lars=True, denominator="separate",
-                 on_nonfinite: str = "skip") -> LarsStepInfo:
+                 on_nonfinite: str = "skip", grad_scale: torch.Tensor | None = None) -> LarsStepInfo:
     """Apply the LARS (or, with ``lars=False``, SGD) update in place, in one native call.
 
     ``params`` / ``grads`` / ``momentum_buffers``: equal-length lists (buffers: fp32, zero before
@@ -696,7 +699,9 @@ def lars_update_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     sums for each of its segments. Every hyperparameter is a number (or bool / str) for all tensors
     or a sequence with one value per tensor; ``lr``, ``momentum``, ``weight_decay`` and
     ``trust_coefficient`` may also be 0-dim fp32 tensors on the params' device (see
-    :class:`LarsHyper`). Returns a :class:`LarsStepInfo`.
+    :class:`LarsHyper`). ``grad_scale``: a 0-dim fp32 tensor S on the params' device when the
+    grads (and so ``g_sumsq`` and ``wg_dot``) are S times the true ones (fp16 loss scaling): the
+    update uses grad / S. Returns a :class:`LarsStepInfo`.
     """
     params = list(params)
     n = len(params)
@@ -717,6 +722,8 @@ def lars_update_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             index_of[values] = len(hypers)
             hypers.append(LarsHyper(*values).validated(device=params[0].device))
         group_index.append(index_of[values])
+    if grad_scale is not None:
+        _check_device_hyper("grad_scale", grad_scale, params[0].device)
     table = TensorTable(params, grads, momentum_buffers, group_index)
-    return table.update_(w_sumsq, g_sumsq, wg_dot, pack_groups(hypers),
+    return table.update_(w_sumsq, g_sumsq, wg_dot, pack_groups(hypers, grad_scale),
                          skip_nonfinite=on_nonfinite == "skip")

@@ -57,6 +57,7 @@ from torch import nn
 
 from hvd_largebatch.errors import ConfigError
 from hvd_largebatch.lars import ops
+from hvd_largebatch.lars.loss_scale import DynamicLossScale
 from hvd_largebatch.lars.ops import LarsHyper, LarsStepInfo, LarsSums, TensorTable
 
 _grad = attrgetter("grad")
@@ -81,17 +82,25 @@ class FusedLARS(torch.optim.Optimizer):
         denominator: "separate" ``||g|| + beta ||w|| + eps`` or "combined" ``||g + beta w|| + eps``.
         on_nonfinite: "skip" or "propagate".
         carry_weight_norms: reuse the update pass's ``||w||^2`` in the next norm pass.
+        loss_scale: a :class:`~hvd_largebatch.lars.loss_scale.DynamicLossScale` when the
+            gradients are loss-scaled (fp16): the step unscales them inside the kernels, skips
+            on overflow and updates the scale (needs ``on_nonfinite="skip"``).
     """
 
     def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001,
                  eps=0.0, nesterov=False, momentum_correction=True, lars=True,
-                 denominator="separate", on_nonfinite="skip", carry_weight_norms=False):
+                 denominator="separate", on_nonfinite="skip", carry_weight_norms=False,
+                 loss_scale: DynamicLossScale | None = None):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                         trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov,
                         momentum_correction=momentum_correction, lars=lars,
                         denominator=denominator, on_nonfinite=on_nonfinite,
                         carry_weight_norms=carry_weight_norms)
         _validate_group(defaults, "")
+        if loss_scale is not None and not isinstance(loss_scale, DynamicLossScale):
+            raise ConfigError("loss_scale", f"must be a DynamicLossScale (got {loss_scale!r})")
+        #: the fp16 loss scale the gradients carry (None: unscaled gradients)
+        self.loss_scale = loss_scale
         self._hyper_key = None
         self._layout = None
         self._binding: _Binding | None = None
@@ -118,7 +127,8 @@ class FusedLARS(torch.optim.Optimizer):
         """The packed group array; re-validates the groups and the step-wide options (needs_dot,
         skip, carry, which groups have momentum) when any group value changed."""
         groups = self.param_groups
-        key = tuple(tuple(map(_key, (g[k] for k in _HYPER_KEYS + _STEP_KEYS))) for g in groups)
+        key = (tuple(tuple(map(_key, (g[k] for k in _HYPER_KEYS + _STEP_KEYS))) for g in groups),
+               id(self.loss_scale))
         if key != self._hyper_key:
             device = _params_device(groups)
             hypers = [_validate_group(g, f"param_groups[{i}].", device)
@@ -129,7 +139,13 @@ class FusedLARS(torch.optim.Optimizer):
                     raise ConfigError(f"param_groups[*].{k}",
                                       "is a step-wide option; groups disagree "
                                       f"({sorted(map(str, values))})")
-            self._packed = ops.pack_groups(hypers)
+            if self.loss_scale is not None:
+                if groups[0]["on_nonfinite"] != "skip":
+                    raise ConfigError("on_nonfinite", 'must be "skip" with a loss scale (an '
+                                      "overflow must skip the step and lower the scale)")
+                _check_scale_device(self.loss_scale, _params_device(groups))
+            self._packed = ops.pack_groups(
+                hypers, None if self.loss_scale is None else self.loss_scale.scale)
             self._needs_dot = any(h.needs_dot for h in hypers)
             self._skip = groups[0]["on_nonfinite"] == "skip"
             self._carry = bool(groups[0]["carry_weight_norms"]) and not self._needs_dot
@@ -240,6 +256,8 @@ class FusedLARS(torch.optim.Optimizer):
     def _apply(self, table, w_sumsq, g_sumsq, wg_dot, nonfinite) -> LarsStepInfo:
         info = table.update_(w_sumsq, g_sumsq, wg_dot, self._packed, skip_nonfinite=self._skip,
                              nonfinite=nonfinite, carry_weight_sums=self._carry)
+        if self.loss_scale is not None:  # halve after an overflow, grow after clean steps
+            self.loss_scale.update(info.nonfinite)
         self._last = info
         self._last_binding = self._binding
         return info
@@ -356,6 +374,12 @@ def _key(value):
     """A group value as a cache key: a tensor by identity and address (comparing tensors by value
     would synchronize with the device, and in-place updates must not re-pack the groups)."""
     return ("tensor", id(value), value.data_ptr()) if isinstance(value, torch.Tensor) else value
+
+
+def _check_scale_device(loss_scale: DynamicLossScale, device: torch.device | None) -> None:
+    if device is not None and loss_scale.scale.device != device:
+        raise ConfigError("loss_scale", f"is on {loss_scale.scale.device} but the params are on "
+                          f"{device}")
 
 
 def _params_device(groups: list[dict]) -> torch.device | None:

@@ -74,6 +74,23 @@ def test_ema_weights_recent_steps_by_decay():
     assert float(stats["grad_sq_step"]) == pytest.approx(3.0)
 
 
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_non_finite_step_leaves_the_averages_alone(bad):
+    """An overflowing (skipped) step must not poison the EMAs: the same figures as without it."""
+    with_bad, without = NoiseScaleEstimator(decay=0.5), NoiseScaleEstimator(decay=0.5)
+    for grad_sq, trace in ((1.0, 8.0), (None, None), (3.0, 8.0)):
+        if grad_sq is None:
+            with_bad.update(torch.tensor(bad), torch.tensor(1.0), 1, 2)
+            continue
+        for est in (with_bad, without):
+            est.update(torch.tensor(grad_sq + trace), torch.tensor(grad_sq + trace / 2), 1, 2)
+    a, b = with_bad.stats(), without.stats()
+    assert a["steps"] == 3 and b["steps"] == 2
+    for key in ("noise_scale", "grad_sq", "trace"):
+        assert float(a[key]) == pytest.approx(float(b[key]))
+    assert with_bad.value() == pytest.approx(8.0 / (1.75 / 0.75))
+
+
 def test_value_is_none_until_estimable():
     est = NoiseScaleEstimator()
     assert est.value() is None and est.stats() == {}

@@ -53,6 +53,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hvd_largebatch.lars.ops import DEVICE_HYPERS, GROUP_DTYPE
 from test_ops import HYPER, OPTIONS, SIZES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -166,13 +167,9 @@ NAN_TEST = {np.dtype(np.float32): (np.uint32, 0x7fffffff, 0x7f800000),
 U = 2.0 ** -24
 ALIGN = 64
 
-# csrc/lars_math.h: LarsGroup (64 bytes: values, flags, then addresses of device-held values,
-# image offsets here) and its flags
-GROUP_DTYPE = np.dtype([("lr", "<f4"), ("momentum", "<f4"), ("weight_decay", "<f4"),
-                        ("trust_coefficient", "<f4"), ("eps", "<f4"), ("flags", "<i4"),
-                        ("reserved", "<f4", (2,)), ("lr_at", "<i8"), ("momentum_at", "<i8"),
-                        ("weight_decay_at", "<i8"), ("trust_coefficient_at", "<i8")])
-GROUP_ADDRESSES = ["lr_at", "momentum_at", "weight_decay_at", "trust_coefficient_at"]
+# csrc/lars_math.h: LarsGroup (64 bytes: values, flags, then addresses of the loss scale and of
+# device-held values, image offsets here), as lars/ops.py packs it
+GROUP_ADDRESSES = ["grad_scale_at"] + [f"{name}_at" for name in DEVICE_HYPERS]
 LARS, NESTEROV, MOMENTUM_CORRECTION, COMBINED = 1, 2, 4, 8
 NORM_W, NORM_G, NORM_WG, SUM_W = 1, 2, 4, 8
 OP_FIELDS = ["kind", "case", "table", "n", "nch", "mode", "w_part", "g_part", "w_sq", "g_sq", "wg",
@@ -296,7 +293,7 @@ def make_group(lr=0.7, momentum=0.9, weight_decay=0.05, trust_coefficient=0.02, 
     flags = ((LARS if lars else 0) | (NESTEROV if nesterov else 0)
              | (MOMENTUM_CORRECTION if momentum_correction else 0)
              | (COMBINED if denominator == "combined" else 0))
-    return (lr, momentum, weight_decay, trust_coefficient, eps, flags, (0.0, 0.0), 0, 0, 0, 0)
+    return (lr, momentum, weight_decay, trust_coefficient, eps, flags, 0, 0, 0, 0, 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -816,6 +813,34 @@ def _scheduled_values(c: Case):
                     view(buf, y, np.uint32, a.numel), view(buf, x, np.uint32, a.numel),
                     err_msg=f"{backend}: {what}[{i}] with device-held values")
     c.checks.append(same)
+
+
+@case("loss_scaled_grads")
+def _loss_scaled_grads(c: Case):
+    """fp16 loss scaling: gradients (and their sums) S = 2^16 times the true ones, S read from
+    device memory (LarsGroup's grad_scale_at): bitwise the update of the unscaled gradients, on
+    both backends."""
+    sizes = [5000, 3, 40_000]
+    scale = np.float32(2.0 ** 16)
+    for denominator in ("separate", "combined"):
+        plain = c.tensors([(n, "f32", "f32", 0) for n in sizes], seed=23)
+        scaled = c.tensors([(n, "f32", "f32", 0) for n in sizes], seed=23)
+        for t in scaled:  # exact: a power of two, far from overflow and underflow
+            t.g = t.g * scale
+            c.prog.img.parts.append((t.g_off, t.g.view(np.uint8)))  # overwrites the stored grads
+        c.update(c.table(plain), c.groups([make_group(denominator=denominator)]),
+                 c.given_sums(plain))
+        group = np.array([make_group(denominator=denominator)], dtype=GROUP_DTYPE)
+        group["grad_scale_at"] = c.put(np.array([scale], np.float32))
+        c.update(c.table(scaled), (c.put(group), 1), c.given_sums(scaled))
+
+        def same(buf, backend, plain=plain, scaled=scaled, denominator=denominator):
+            for i, (a, b) in enumerate(zip(plain, scaled)):
+                for what, x, y in (("weights", a.w_off, b.w_off), ("buffer", a.u_off, b.u_off)):
+                    np.testing.assert_array_equal(
+                        view(buf, y, np.uint32, a.numel), view(buf, x, np.uint32, a.numel),
+                        err_msg=f"{backend}: {what}[{i}] ({denominator}) with scaled gradients")
+        c.checks.append(same)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -154,12 +154,12 @@ int main(int argc, char** argv) {
       if ((op[kFtz] != 0) != emu::g_ftz)
         std::printf("ERROR\t%lld\t%zu\tthe ops of one case must agree on ftz\n",
                     static_cast<long long>(case_id), i);
-      // groups: 64-byte LarsGroup records whose last four fields are addresses (0 = absent)
+      // groups: 64-byte LarsGroup records whose last five 8-byte fields are addresses (0 = absent)
       std::vector<int64_t>& groups = tables.emplace_back(
           reinterpret_cast<const int64_t*>(addr(op[kGroups])),
           reinterpret_cast<const int64_t*>(addr(op[kGroups])) + (op[kGroups] ? 8 * op[kNGroups] : 0));
       for (int64_t gi = 0; gi < (op[kGroups] ? op[kNGroups] : 0); ++gi)
-        for (int col = 4; col < 8; ++col)
+        for (int col = 3; col < 8; ++col)
           if (groups[8 * gi + col]) groups[8 * gi + col] += reinterpret_cast<int64_t>(base);
       try {
         if (op[kKind] == 1) {
