@@ -141,7 +141,8 @@ def predict(plan: dict, system, parameters: int, optimizer: str, sharded: bool) 
     for p in plan["phases"]:
         it = iteration_time(p["per_rank_batch"], p["micro_batches"], parameters, system,
                             optimizer, sharded)
-        phases.append({**asdict(it), "updates": p["updates"],
+        phases.append({"per_rank_batch": p["per_rank_batch"], "micro_batches": p["micro_batches"],
+                       **asdict(it), "updates": p["updates"],
                        "seconds": p["updates"] * it.iteration_s})
     return {
         "inputs": {**asdict(system), "parameters": parameters, "optimizer": optimizer,
@@ -186,16 +187,18 @@ def format_prediction(prediction: dict) -> str:
     lines = [
         "",
         "predicted time to train (model and assumptions: hvd_largebatch/schedules/timing.py)",
-        f"  compute: {i['gpu_throughput']:g} img/s per GPU (micro-batches: the same img/s)",
+        f"  compute: per-GPU batch / {i['gpu_throughput']:g} img/s per GPU; accumulation over "
+        f"(K x) micro-batches runs at the same img/s, one exchange per update",
         f"  exchange: {i['parameters']:,} parameters x {i['gradient_bytes']} bytes = "
         f"{prediction['gradient_bytes'] / 1e6:.1f} MB; {mode}; {links}",
         f"  optimizer step: {i['optimizer']}, {OPTIMIZER_BYTES_PER_PARAMETER[i['optimizer']]} "
         f"bytes per parameter at {i['memory_gb_s']:g} GB/s",
         f"  input pipeline: {loading}",
     ]
-    header = ("phase", "s/iter", "compute ms", "exchange ms", "exposed ms", "step ms", "bound",
-              "updates", "time")
-    rows = [(str(k), f"{p['iteration_s']:.4g}", _ms(p["compute_s"]), _ms(p["exchange_s"]),
+    header = ("phase", "per GPU", "s/iter", "compute ms", "exchange ms", "exposed ms", "step ms",
+              "bound", "updates", "time")
+    rows = [(str(k), f"{p['per_rank_batch']:,} ({p['micro_batches']}x)", f"{p['iteration_s']:.4g}",
+             _ms(p["compute_s"]), _ms(p["exchange_s"]),
              _ms(p["exposed_exchange_s"]), _ms(p["optimizer_s"]), p["bound"],
              f"{p['updates']:,}", _duration(p["seconds"]))
             for k, p in enumerate(prediction["phases"])]

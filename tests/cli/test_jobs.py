@@ -419,9 +419,9 @@ def test_launch_dry_run_prints_the_predicted_time_to_train(capsys):
         "# predicted time to train (model and assumptions: hvd_largebatch/schedules/timing.py)"
     ) < lines.index("# submit with:")
     assert "4 nodes x 8 GPUs" in out and "25,557,032 parameters" in out
-    # 256 images per GPU at 100 img/s: 2.56 s of compute in each of the 5 phases
-    rows = [line.split() for line in lines if line[:3] in {f"# {k}" for k in range(5)}]
-    assert [row[3] for row in rows][-5:] == ["2,560"] * 5
+    # 256 images per GPU (8 micro-batches) at 100 img/s: 2.56 s of compute in each phase
+    rows = [line.split() for line in lines if line[:3] in {f"# {k}" for k in range(5)}][-5:]
+    assert [(row[2], row[3], row[5]) for row in rows] == [("256", "(8x)", "2,560")] * 5
     total = next(line for line in lines if line.startswith("# predicted time to train: "))
     assert "h (" in total
     rc, _, err = launch(capsys, *args, "--gpu-throughput", "100")

@@ -142,7 +142,7 @@ def test_table_shows_the_parts_per_phase_and_the_total(capsys):
     assert "hierarchical, 32 nodes x 8 GPUs" in out and "sgd, 20 bytes per parameter" in out
     rows = [line.split() for line in out.split("predicted time to train (")[1].splitlines()
             if line[:1].isdigit()]
-    assert len(rows) == 5 and {row[6] for row in rows} == {"gpu"}
+    assert len(rows) == 5 and {(row[1], row[2], row[8]) for row in rows} == {("32", "(1x)", "gpu")}
     assert "predicted time to train: 62." in out
 
 
