@@ -7,6 +7,7 @@
         [--set KEY=VALUE ...] [--synthetic] [--hosts H | --hostfile F]
         [--min-nodes N] [--max-nodes N] [--cpus-per-gpu C] [--job-name NAME]
         [--image IMAGE] [--data-pvc CLAIM] [--output-pvc CLAIM] [--check | --dry-run]
+        [--gpu-throughput IMG_PER_S --network GBIT_S[,LATENCY_US] [--intra-node ...] ...]
 
 The shell templates (``mpirun.sh``, ``horovodrun.sh``, ``horovodrun_elastic.sh``,
 ``slurm.sbatch``, ``pbs.sh``) and the MPIJob manifest (``mpijob.yaml``) are the one place the
@@ -24,6 +25,10 @@ launch commands are written; this command never rebuilds them. It
 2. ``--check`` stops there (the templates call it as their first step);
 3. ``--dry-run`` prints the submission command and the exact commands the job runs (the
    template run with ``DRY_RUN=1``), or the rendered MPIJob manifest, and starts nothing;
+   with ``--gpu-throughput`` (and ``--network``: per node with ``--intra-node``, per GPU
+   otherwise) it also prints the job's predicted time to train on its ``nodes x
+   gpus_per_node`` ranks (:mod:`hvd_largebatch.cli.prediction`), without it a line saying
+   which options give one;
 4. otherwise submits: ``bash <template>`` (mpirun, horovodrun, elastic), ``sbatch``, ``qsub``
    or ``kubectl apply -f -``.
 
@@ -41,6 +46,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from hvd_largebatch.cli import prediction
 
 LAUNCHERS = ("mpirun", "horovodrun", "elastic", "slurm", "pbs", "mpijob")
 #: launcher -> template file in jobs/launch
@@ -479,7 +486,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="check the job only")
     mode.add_argument("--dry-run", action="store_true",
-                      help="check, then print the commands (or the manifest); start nothing")
+                      help="check, then print the commands (or the manifest) and the predicted "
+                           "time to train; start nothing")
+    prediction.add_arguments(parser, gpus_per_node=False)
 
 
 def spec_from_args(args: argparse.Namespace) -> JobSpec:
@@ -500,7 +509,26 @@ def describe(spec: JobSpec, job: JobCheck) -> str:
     head = (f"{spec.launcher}: {spec.config}: {spec.nodes} nodes x {spec.gpus_per_node} GPUs = "
             f"{spec.world_size} ranks")
     lines = [head, *format_table(job.plan).splitlines(), *job.notes, "check passed"]
-    return "\n".join(f"# {line}".rstrip() for line in lines)
+    return comment("\n".join(lines))
+
+
+def comment(text: str) -> str:
+    """``text`` as ``#`` comment lines."""
+    return "\n".join(f"# {line}".rstrip() for line in text.splitlines())
+
+
+def predicted_time(args: argparse.Namespace, spec: JobSpec, job: JobCheck) -> str:
+    """The job's predicted time to train (``#`` lines), or how to get one."""
+    system = prediction.system_from_args(args, spec.world_size, spec.gpus_per_node)
+    if system is None:
+        return comment("predicted time to train: give --gpu-throughput IMG_PER_S and --network "
+                       "GBIT_S[,LATENCY_US] (see hvd-largebatch launch --help)")
+    cfg = job.cfg
+    parameters = args.parameters or prediction.model_parameters(
+        cfg.model.name, cfg.model.options, cfg.model.num_classes or cfg.data.num_classes)
+    result = prediction.predict(job.plan, system, parameters, cfg.optimizer.name,
+                                cfg.optimizer.shard_optimizer_state)
+    return comment(prediction.format_prediction(result).lstrip("\n"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -512,6 +540,8 @@ def run(args: argparse.Namespace) -> int:
         print(describe(spec, job), flush=True)
         if args.check:
             return 0
+        if args.dry_run:
+            print(predicted_time(args, spec, job), flush=True)
         if spec.launcher == "mpijob":
             manifest = render_mpijob(spec, job)
         elif args.dry_run:

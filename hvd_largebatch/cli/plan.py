@@ -6,6 +6,13 @@ batch, gradient accumulation, lr range, momentum, Smith et al.'s noise scale and
 the totals. Two update counts are shown: the steps actually executed (following
 ``Schedule.epoch_batches``: with drop_last, floor(N / B) per epoch) and the papers' count
 (epochs x N / B summed over phases), which is what papers report (Goyal 1 h: ~14,075).
+
+With ``--gpu-throughput`` (and ``--network`` for more than one rank) it adds the predicted
+seconds per iteration and time to train, per phase and in total
+(:mod:`hvd_largebatch.cli.prediction`; the model and its assumptions:
+:mod:`hvd_largebatch.schedules.timing`). The gradient's size comes from the config's ``model``
+section (or ``--parameters``), the optimizer and the sharded mode from its ``optimizer``
+section.
 """
 from __future__ import annotations
 
@@ -13,6 +20,8 @@ import argparse
 import json
 import os
 import sys
+
+from hvd_largebatch.cli import prediction
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,32 +39,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               help="largest batch one rank can hold: accumulate over the fewest "
                                    "equal micro-batches of at most M samples")
     parser.add_argument("--format", choices=("table", "json"), default="table")
+    prediction.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from hvd_largebatch.errors import ConfigError
 
     try:
-        schedule = _load(args.target)
+        schedule, document = _load(args.target)
         if args.dataset_size is not None:
             schedule = schedule.with_dataset_size(args.dataset_size)
         plan = build_plan(schedule, args.world_size, args.micro_batches, args.max_per_rank_batch)
+        if args.gpus_per_node is not None and args.intra_node is None:
+            raise ConfigError("--gpus-per-node", "means the hierarchical exchange: give the "
+                              "link between a node's GPUs with --intra-node GBIT_S[,LATENCY_US]")
+        system = prediction.system_from_args(args, plan["world_size"], args.gpus_per_node)
+        if system is not None:
+            plan["prediction"] = _predict(plan, system, document, args.parameters)
     except (ConfigError, OSError) as exc:
         print(f"hvd-largebatch plan: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(plan, indent=2) if args.format == "json" else format_table(plan))
+    if args.format == "json":
+        print(json.dumps(plan, indent=2))
+    else:
+        print(format_table(plan))
+        if "prediction" in plan:
+            print(prediction.format_prediction(plan["prediction"]))
     return 0
 
 
+def _predict(plan: dict, system, document: dict | None, parameters: int | None) -> dict:
+    """The prediction for ``plan``; the gradient's size, the optimizer and the sharded mode
+    from the config ``document`` (None for a preset, which names no model)."""
+    from hvd_largebatch.errors import ConfigError
+
+    document = document or {}
+    optimizer = document.get("optimizer") or {}
+    name = optimizer.get("name", "sgd")
+    if name not in ("sgd", "lars"):
+        raise ConfigError("optimizer.name", f"must be sgd or lars, got {name!r}")
+    if parameters is None:
+        model = document.get("model")
+        if not isinstance(model, dict) or "name" not in model:
+            raise ConfigError("--parameters", f"{plan['name'] or 'the schedule'} names no "
+                              f"model (a preset, or a config without model.name): give the "
+                              f"gradient's element count")
+        classes = model.get("num_classes") or (document.get("data") or {}).get("num_classes")
+        parameters = prediction.model_parameters(model["name"], model.get("options"), classes)
+    return prediction.predict(plan, system, parameters, name,
+                              bool(optimizer.get("shard_optimizer_state", False)))
+
+
 def _load(target: str):
-    """The schedule named by a preset or read from a YAML file's ``schedule:`` section."""
+    """(schedule, config document) for a YAML file's ``schedule:`` section, (schedule, None)
+    for a preset."""
     import yaml
 
     from hvd_largebatch.errors import ConfigError
     from hvd_largebatch.schedules import PRESETS, from_config, preset
 
     if target in PRESETS:
-        return preset(target)
+        return preset(target), None
     if not os.path.isfile(target):
         raise ConfigError("schedule.preset", f"{target!r} is neither a preset "
                           f"({', '.join(sorted(PRESETS))}) nor a config file")
@@ -66,7 +110,7 @@ def _load(target: str):
             raise ConfigError("schedule", f"{target}: not valid YAML ({exc})") from None
     if not isinstance(document, dict) or document.get("schedule") is None:
         raise ConfigError("schedule", f"{target} has no `schedule:` section")
-    return from_config(document["schedule"])
+    return from_config(document["schedule"]), document
 
 
 def build_plan(schedule, world_size: int | None = None, micro_batches: int | None = None,

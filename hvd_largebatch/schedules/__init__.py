@@ -11,6 +11,8 @@ without tuning:
   ``increase_batch`` (lr drops -> batch increases, then the hybrid at a batch cap).
 - ``config``: ``from_config`` (the ``schedule:`` section of a YAML config) and ``preset``.
 - ``presets``: the papers' recipes (``PRESETS``).
+- ``timing``: the predicted seconds per iteration and time to train of a job (compute,
+  gradient exchange, overlap, optimizer step, input pipeline), used by ``plan`` and ``launch``.
 """
 from .builders import constant_warmup, cosine_decay, gradual_warmup, poly_decay, step_decay
 from .config import from_config, preset

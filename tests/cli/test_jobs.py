@@ -404,6 +404,30 @@ def test_launch_reports_gradient_accumulation_when_the_per_gpu_batch_is_too_big(
     assert "written for 256 ranks" in out
 
 
+def test_launch_dry_run_prints_the_predicted_time_to_train(capsys):
+    # the job's own world size (4 nodes x 8 GPUs = 32 ranks, 256 per GPU, accumulated over
+    # 8 micro-batches of 32), the config's model (ResNet-50) and optimizer (sgd)
+    args = ["slurm", GOYAL, "--nodes", "4", "--data-remote", "--dry-run"]
+    rc, out, err = launch(capsys, *args)
+    assert rc == 0, err
+    assert "# predicted time to train: give --gpu-throughput IMG_PER_S and --network" in out
+    rc, out, err = launch(capsys, *args, "--gpu-throughput", "100", "--network", "100",
+                          "--intra-node", "640")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines.index("# check passed") < lines.index(
+        "# predicted time to train (model and assumptions: hvd_largebatch/schedules/timing.py)"
+    ) < lines.index("# submit with:")
+    assert "4 nodes x 8 GPUs" in out and "25,557,032 parameters" in out
+    # 256 images per GPU (8 micro-batches) at 100 img/s: 2.56 s of compute in each phase
+    rows = [line.split() for line in lines if line[:3] in {f"# {k}" for k in range(5)}][-5:]
+    assert [(row[2], row[3], row[5]) for row in rows] == [("256", "(8x)", "2,560")] * 5
+    total = next(line for line in lines if line.startswith("# predicted time to train: "))
+    assert "h (" in total
+    rc, _, err = launch(capsys, *args, "--gpu-throughput", "100")
+    assert rc == 2 and "hvd-largebatch launch: error: --network: needed for 32 ranks" in err
+
+
 def spec(**kw) -> JobSpec:
     return JobSpec(**{"launcher": "mpirun", "config": GOYAL, "data_remote": True, **kw})
 
