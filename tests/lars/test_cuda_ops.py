@@ -277,3 +277,49 @@ def test_current_device_is_restored():
     out = ops.sum_of_squares([t])
     assert torch.cuda.current_device() == 0
     torch.testing.assert_close(out.cpu(), ref.sum_of_squares([t.cpu()]), rtol=1e-5, atol=0)
+
+
+def test_step_captured_in_a_cuda_graph_follows_a_device_held_schedule():
+    """FusedLARS.step() captured once (lr and momentum 0-dim device tensors, fp16 loss scale)
+    and replayed while the schedule changes equals eager steps of the float form, bitwise."""
+    from hvd_largebatch.lars.loss_scale import DynamicLossScale
+
+    graphed, eager = _model(), _model()
+    lr = torch.tensor(0.0, device=CUDA)
+    momentum = torch.tensor(0.0, device=CUDA)
+    scaler = DynamicLossScale(CUDA, init_scale=2.0 ** 8, growth_interval=3)
+    opt = FusedLARS(param_groups(graphed, 1e-4), lr=lr, momentum=momentum, loss_scale=scaler)
+    ref = FusedLARS(param_groups(eager, 1e-4), lr=0.1)
+    static_grads = [torch.zeros_like(p) for p in graphed.parameters()]
+    for p, g in zip(graphed.parameters(), static_grads):
+        p.grad = g
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: tables built and uploaded before the capture
+        lr.fill_(0.0)
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    for p in graphed.parameters():  # the warm-up step at lr 0 moved nothing but the buffers
+        opt.state[p]["momentum_buffer"].zero_()
+    scaler.scale.fill_(2.0 ** 8)
+    scaler.growth_tracker.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for step in range(6):
+        value_lr, value_m = 0.1 * (step + 1), 0.9 if step < 3 else 0.95
+        lr.fill_(value_lr)
+        momentum.fill_(value_m)
+        gen = torch.Generator().manual_seed(step)
+        for g, q in zip(static_grads, eager.parameters()):
+            fresh = (torch.randn(g.shape, generator=gen) * 0.1).to(CUDA)
+            g.copy_(fresh * scaler.scale)
+            q.grad = fresh
+        graph.replay()
+        for group in ref.param_groups:
+            group["lr"], group["momentum"] = value_lr, value_m
+        ref.step()
+    torch.cuda.synchronize()
+    assert scaler.scale.item() == 2.0 ** 10  # two growths of 3 clean steps
+    for p, q in zip(graphed.parameters(), eager.parameters()):
+        assert torch.equal(p, q)
