@@ -34,9 +34,7 @@ Usage: ``python benchmarks/bench_distributed.py [--np 2] [--launcher gloo|mpirun
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,28 +46,12 @@ VARIANTS = ["hvd exchange only", "hvd rs+ag only", "hvd ar+ag only", "hvd SGD", 
 
 
 def launch(args) -> int:
-    """Driver: print the machine, run the workers under horovodrun, relay rank 0's report."""
+    """Driver: run the workers under the launcher, relay rank 0's report (benchmarks/ranks.py)."""
     sys.path.insert(0, str(HERE))
-    from bench_lars import cpu_model, physical_cores
+    from ranks import run_workers
 
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    from launch import ROOT_ENV, launcher_command
-
-    print(f"machine: {cpu_model()}; {physical_cores()} physical cores, {os.cpu_count()} logical; "
-          f"{args.np} Horovod ranks ({args.launcher}), 1 torch thread each")
-    cmd = [*launcher_command(args.launcher, args.np), sys.executable, str(Path(__file__).resolve()),
-           "--worker", "--repeats", str(args.repeats), "--steps", str(args.steps)]
-    env = {**os.environ, **ROOT_ENV, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent),
-                                                       os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    prefix = "[0]<stdout>:" if args.launcher == "gloo" else ""
-    for line in proc.stdout.splitlines():
-        if line.startswith(prefix + "BENCH "):
-            print(line[len(prefix + "BENCH "):])
-    if proc.returncode != 0:
-        print(proc.stdout)
-    return proc.returncode
+    return run_workers(__file__, ["--repeats", str(args.repeats), "--steps", str(args.steps)],
+                       args.np, args.launcher)
 
 
 def worker(args) -> int:
