@@ -805,14 +805,18 @@ def _scheduled_values(c: Case):
     for name, value in values.items():
         group[name + "_at"] = c.put(np.array([value], np.float32))
     c.update(c.table(held), (c.put(group), 1), c.given_sums(held))
+    c.checks.append(same_updates(inline, held, "with device-held values"))
 
-    def same(buf, backend):
-        for i, (a, b) in enumerate(zip(inline, held)):
+
+def same_updates(expected: list[Tensor], actual: list[Tensor], label: str):
+    """A check: the weights and buffers of ``actual`` end bitwise equal to ``expected``'s."""
+    def check(buf, backend):
+        for i, (a, b) in enumerate(zip(expected, actual)):
             for what, x, y in (("weights", a.w_off, b.w_off), ("buffer", a.u_off, b.u_off)):
                 np.testing.assert_array_equal(
                     view(buf, y, np.uint32, a.numel), view(buf, x, np.uint32, a.numel),
-                    err_msg=f"{backend}: {what}[{i}] with device-held values")
-    c.checks.append(same)
+                    err_msg=f"{backend}: {what}[{i}] {label}")
+    return check
 
 
 @case("loss_scaled_grads")
@@ -833,14 +837,7 @@ def _loss_scaled_grads(c: Case):
         group = np.array([make_group(denominator=denominator)], dtype=GROUP_DTYPE)
         group["grad_scale_at"] = c.put(np.array([scale], np.float32))
         c.update(c.table(scaled), (c.put(group), 1), c.given_sums(scaled))
-
-        def same(buf, backend, plain=plain, scaled=scaled, denominator=denominator):
-            for i, (a, b) in enumerate(zip(plain, scaled)):
-                for what, x, y in (("weights", a.w_off, b.w_off), ("buffer", a.u_off, b.u_off)):
-                    np.testing.assert_array_equal(
-                        view(buf, y, np.uint32, a.numel), view(buf, x, np.uint32, a.numel),
-                        err_msg=f"{backend}: {what}[{i}] ({denominator}) with scaled gradients")
-        c.checks.append(same)
+        c.checks.append(same_updates(plain, scaled, f"({denominator}) with scaled gradients"))
 
 
 # ------------------------------------------------------------------------------------------------
