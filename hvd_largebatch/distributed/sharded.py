@@ -40,6 +40,7 @@ import torch
 from hvd_largebatch.distributed.exchange import ExchangeConfig, dense_grad, squared_norm
 from hvd_largebatch.distributed.sharding import ShardLayout, flatten_into_buffers, layer_view
 from hvd_largebatch.lars import reference
+from hvd_largebatch.lars.optimizer import load_group_values
 
 
 class ShardedExchange:
@@ -319,7 +320,7 @@ class ShardedExchange:
         else:
             state = self._split_full_state(state_dict["state"])
         for group, saved in zip(groups, saved_groups):
-            group.update(_hyper(saved))
+            load_group_values(group, saved)  # device-held lr / momentum stay the same tensors
         if self.shard_optimizer is not None:
             current = self.shard_optimizer.state_dict()["param_groups"]
             for group, public in zip(current, groups):

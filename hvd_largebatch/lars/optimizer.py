@@ -317,8 +317,7 @@ class FusedLARS(torch.optim.Optimizer):
         Device-held hyperparameters stay the same tensor objects: the loaded values are copied
         into them (a captured CUDA graph keeps reading them); a loaded tensor value for a
         hyperparameter this optimizer holds as a number becomes a number."""
-        held = [{k: g[k] for k in ops.DEVICE_HYPERS if isinstance(g[k], torch.Tensor)}
-                for g in self.param_groups]
+        previous = [{k: g[k] for k in ops.DEVICE_HYPERS} for g in self.param_groups]
         buffers, state = {}, {}
         for key, value in state_dict["state"].items():
             if isinstance(value, dict) and "momentum_buffer" in value:
@@ -329,12 +328,9 @@ class FusedLARS(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-            for key in ops.DEVICE_HYPERS:
-                loaded = group[key]
-                if key in held[index]:
-                    group[key] = held[index][key].fill_(loaded)
-                elif isinstance(loaded, torch.Tensor):
-                    group[key] = loaded.item()
+            loaded = {k: group[k] for k in ops.DEVICE_HYPERS}
+            group.update(previous[index])
+            load_group_values(group, loaded)
             _validate_group(group, f"param_groups[{index}].", _params_device([group]))
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -368,6 +364,23 @@ class _Binding:
             index = [i for i, has in enumerate(self.present) if has]
             self._positions[device] = torch.tensor(index, device=device)
         return self._positions[device]
+
+
+def load_group_values(group: dict, saved: dict) -> None:
+    """``group.update(saved)`` (``params`` excepted), keeping device-held hyperparameters the same
+    tensor objects: a saved value is copied into them (kernels, captured graphs and training loops
+    keep reading them); a saved tensor for a hyperparameter the group holds as a number becomes a
+    number."""
+    for key, value in saved.items():
+        if key == "params":
+            continue
+        current = group.get(key)
+        if key in ops.DEVICE_HYPERS and isinstance(current, torch.Tensor):
+            current.fill_(value)
+        elif key in ops.DEVICE_HYPERS and isinstance(value, torch.Tensor):
+            group[key] = value.item()
+        else:
+            group[key] = value
 
 
 def _key(value):

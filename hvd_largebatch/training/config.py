@@ -50,7 +50,10 @@ the ``schedule`` section has a default::
       eval_every: 1             # epochs between evaluations (0: only after the last epoch)
       checkpoint_every: 0       # iterations between extra checkpoints (0: only at epoch ends)
       log_every: 10             # iterations between metrics.csv / TensorBoard rows
-      precision: fp32           # fp32 | bf16 (autocast)
+      precision: fp32           # fp32 | bf16 (autocast) | fp16 (autocast, dynamic loss scaling
+                                # fused into FusedLARS: for GPUs without bf16, e.g. V100)
+      channels_last: null       # NHWC model and inputs (default: on for CUDA, off for the CPU)
+      compile: false            # torch.compile the model (its forward and backward)
       device: auto              # auto (cuda if available) | cpu | cuda
       eval_batch: null          # per-rank batch of evaluation (default max_per_rank_batch)
       average_bn_stats: true    # average BN running statistics over ranks before eval/checkpoint
@@ -81,7 +84,7 @@ from hvd_largebatch.errors import ConfigError
 DATA_SOURCES = ("folder", "filelist", "synthetic", "digits")
 STATS = ("imagenet", "cifar10", "digits", "custom")
 OPTIMIZERS = ("sgd", "lars")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_DIGITS_PATH = "data/digits"
 SYNTHETIC_CLASSES = 1000
@@ -136,6 +139,8 @@ class TrainConfig:
     checkpoint_every: int = 0
     log_every: int = 10
     precision: str = "fp32"
+    channels_last: bool | None = None
+    compile: bool = False
     device: str = "auto"
     eval_batch: int | None = None
     average_bn_stats: bool = True

@@ -10,7 +10,8 @@ The line, run on every rank by :func:`agreed_run` (the only collective here):
 3. **device** (:func:`resolve_device`: the rank's GPU, made current) and **micro-batch plan**
    (:func:`micro_batch_plan`: micro-batches per iteration in each phase, so that per-rank batch
    / micro-batches <= ``train.max_per_rank_batch``);
-4. **model**, **sampler** and the **checkpoint** to resume from (:func:`setup_run`);
+4. **model** (in the memory format of ``train.channels_last``: :func:`memory_format`),
+   **sampler** and the **checkpoint** to resume from (:func:`setup_run`);
 5. **optimizer** (:func:`build_optimizer`) and 6. **loaders** (:func:`train_loader`,
    :func:`val_loader`): built by the trainer from the ``Run``, because the optimizer's
    construction is a collective and a training loader depends on the phase's micro-batch count.
@@ -37,7 +38,9 @@ when the lr changes), so that both can run with sharded optimizer state. With
 ``exclude_bn_and_bias`` (``lars.param_groups``) BN parameters and biases get no weight decay and
 no LARS adaptation. The wrapper is :class:`~hvd_largebatch.distributed.DistributedOptimizer` with
 gradients *summed* over ranks (``op=hvd.Sum``): the trainer divides each micro-batch's summed
-loss by the global batch, so the sum is the exact mean gradient of the global batch.
+loss by the global batch, so the sum is the exact mean gradient of the global batch. The lr and
+momentum are held on the device (:func:`build_optimizer`); ``train.precision: fp16`` adds dynamic
+loss scaling fused into the step.
 
 ``--synthetic`` (rehearsal): any config, shrunk to a few iterations on random data, so that a
 job (for example a 256-GPU ImageNet config) can be rehearsed on a laptop before it is queued.
@@ -76,7 +79,7 @@ from torch import nn
 from hvd_largebatch.data import (CIFAR10_MEAN, CIFAR10_STD, DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN,
                                  IMAGENET_STD, FileIndex, GlobalSampler, ImageTransform, StepLoader)
 from hvd_largebatch.errors import ConfigError, DataError, DistributedMismatchError
-from hvd_largebatch.lars import FusedLARS, param_groups
+from hvd_largebatch.lars import DynamicLossScale, FusedLARS, param_groups
 from hvd_largebatch.models import build_model
 from hvd_largebatch.schedules import Schedule, accumulation_steps
 from hvd_largebatch.training.checkpoint import check_model_matches, load_checkpoint, resolve_resume
@@ -184,6 +187,7 @@ def setup_run(cfg: Config, *, resume: str | None, synthetic: bool, world_size: i
     micro = micro_batch_plan(schedule, world_size, cfg.train.max_per_rank_batch)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, data.num_classes, cfg.model.options)
+    model = model.to(memory_format=memory_format(cfg, device))
     sampler = GlobalSampler(schedule.dataset_size, schedule, world_size, rank,
                             seed=cfg.train.seed, drop_last=schedule.drop_last)
     path = resolve_resume(resume, cfg.output.dir)
@@ -322,22 +326,39 @@ def rehearsal_config(cfg: Config, num_classes: int, val_samples: int) -> Config:
 
 # -- 5. optimizer -----------------------------------------------------------------------------
 
-def build_optimizer(cfg: Config, model: torch.nn.Module, schedule, point, micro_batches: int, hvd):
+def build_optimizer(cfg: Config, model: torch.nn.Module, schedule, point, micro_batches: int, hvd,
+                    device: torch.device):
     """The wrapped optimizer for the run's first iteration ``point`` (a ``SchedulePoint``) with
-    ``micro_batches`` backward passes per step."""
+    ``micro_batches`` backward passes per step.
+
+    The lr and the momentum live in 0-dim fp32 tensors on ``device`` shared by every param group
+    (``param_groups[0]["lr"]``...): the trainer fills them in place each iteration, with no host
+    synchronization, and the kernels read them when they run. ``train.precision: fp16`` adds a
+    :class:`~hvd_largebatch.lars.loss_scale.DynamicLossScale` (``optimizer.loss_scale``)."""
     from hvd_largebatch.distributed import DistributedOptimizer  # imports horovod
 
     o = cfg.optimizer
     nesterov = schedule.nesterov if o.nesterov is None else o.nesterov
-    opt = FusedLARS(param_groups(model, o.weight_decay, o.exclude_bn_and_bias),
-                    lr=point.lr, momentum=point.momentum, weight_decay=o.weight_decay,
-                    trust_coefficient=o.trust_coefficient, eps=o.eps, nesterov=nesterov,
-                    lars=o.name == "lars")
+    held = {name: torch.tensor(value, dtype=torch.float32, device=device)
+            for name, value in (("lr", point.lr), ("momentum", point.momentum))}
+    loss_scale = DynamicLossScale(device) if cfg.train.precision == "fp16" else None
+    opt = FusedLARS(param_groups(model, o.weight_decay, o.exclude_bn_and_bias), **held,
+                    weight_decay=o.weight_decay, trust_coefficient=o.trust_coefficient, eps=o.eps,
+                    nesterov=nesterov, lars=o.name == "lars", loss_scale=loss_scale)
     wrapped = DistributedOptimizer(opt, named_parameters=model.named_parameters(),
                                    backward_passes_per_step=micro_batches, op=hvd.Sum,
                                    shard_optimizer_state=o.shard_optimizer_state,
                                    global_batch=point.global_batch)
     return wrapped
+
+
+def memory_format(cfg: Config, device: torch.device) -> torch.memory_format:
+    """``train.channels_last`` (default: on for CUDA, where cuDNN's NHWC kernels are faster; off
+    on the CPU) as the memory format of the model and its inputs."""
+    on = cfg.train.channels_last
+    if on is None:
+        on = device.type == "cuda"
+    return torch.channels_last if on else torch.contiguous_format
 
 
 # -- 6. loaders -------------------------------------------------------------------------------

@@ -26,7 +26,12 @@ normalizes with per-rank batch statistics while training, as in Goyal et al., so
 no update). ``--resume`` continues at the exact epoch, iteration, phase and data position, on
 any world size that divides the schedule's batches.
 
-Inputs are float32 tensors; ``train.precision: bf16`` runs forward passes under autocast.
+Inputs are float32 tensors; ``train.precision: bf16`` runs forward passes under autocast, ``fp16``
+too, with the loss multiplied by the optimizer's loss scale (unscaled, checked and updated inside
+the FusedLARS step, on the device). The lr and the momentum are 0-dim tensors on the device that
+every iteration fills in place (no host synchronization). ``train.channels_last`` keeps the model
+and its inputs in NHWC; ``train.compile`` runs the forward (and backward) through
+``torch.compile`` (the checkpoint holds the plain module's state).
 """
 from __future__ import annotations
 
@@ -45,10 +50,11 @@ from hvd_largebatch.schedules import noise_scale
 from hvd_largebatch.training.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from hvd_largebatch.training.config import Config
 from hvd_largebatch.training.metrics import MetricsLogger, ProgressBar
-from hvd_largebatch.training.setup import Run, agreed_run, build_optimizer, train_loader, val_loader
+from hvd_largebatch.training.setup import (Run, agreed_run, build_optimizer, memory_format,
+                                           train_loader, val_loader)
 
 SUMMARY_NAME = "summary.json"
-_PRECISION_DTYPES = {"bf16": torch.bfloat16}
+_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _INPUT_DTYPE = "float32"
 
 
@@ -80,7 +86,14 @@ class Trainer:
         else:  # a finished run: nothing left to do
             point = self.schedule.at(self.schedule.num_epochs - 1, 0)
         self.optimizer = build_optimizer(
-            self.cfg, self.model, self.schedule, point, run.micro_batches[point.phase], hvd)
+            self.cfg, self.model, self.schedule, point, run.micro_batches[point.phase], hvd,
+            self.device)
+        self._lr = self.optimizer.param_groups[0]["lr"]  # device tensors shared by the groups
+        self._momentum = self.optimizer.param_groups[0]["momentum"]
+        self._filled = None  # (lr, momentum) last written into them (a resume overwrites them)
+        self.loss_scale = self.optimizer.optimizer.loss_scale
+        self.memory_format = memory_format(self.cfg, self.device)
+        self.forward = torch.compile(self.model) if self.cfg.train.compile else self.model
         self.sampler = run.sampler
         self.autocast = _PRECISION_DTYPES.get(self.cfg.train.precision)
         self.val = val_loader(self.cfg, run.data, run.world_size, run.rank, device=self.device,
@@ -136,12 +149,15 @@ class Trainer:
             "samples": self.samples, "wall_time": self.wall_time,
             "sampler": self.sampler.state_dict(), "rng": rngs, "world_size": self.run.world_size,
             "config": self.cfg.to_dict(), "schedule": self.schedule.to_config(),
+            "loss_scale": None if self.loss_scale is None else self.loss_scale.state_dict(),
         }
 
     def _restore(self, state: dict) -> None:
         """Optimizer state, counters and RNG from the checkpoint (``setup_run`` has loaded the
         weights and the sampler position)."""
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.loss_scale is not None and state.get("loss_scale") is not None:
+            self.loss_scale.load_state_dict(state["loss_scale"])  # else: a fresh fp16 scale
         self.epoch, self.step = state["epoch"], state["step"]
         self.updates, self.samples = state["updates"], state["samples"]
         self.wall_time = state["wall_time"]
@@ -203,9 +219,10 @@ class Trainer:
         k = self.run.micro_batches[point.phase]
         batches = self._micro_batches(epoch, k)
         opt = self.optimizer
-        for group in opt.param_groups:
-            group["lr"] = point.lr
-            group["momentum"] = point.momentum
+        if (point.lr, point.momentum) != self._filled:
+            self._lr.fill_(point.lr)  # in place, on the device: no synchronization
+            self._momentum.fill_(point.momentum)
+            self._filled = (point.lr, point.momentum)
         if k != opt.backward_passes_per_step:
             opt.set_backward_passes_per_step(k)
         if point.global_batch != self._last_point.global_batch:
@@ -231,10 +248,12 @@ class Trainer:
         if n == 0:  # no samples for this rank: a zero gradient keeps the allreduce in step
             (sum(p.sum() for p in self.model.parameters()) * 0.0).backward()
             return
+        images = images.contiguous(memory_format=self.memory_format)  # no copy when it already is
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            logits = self.model(images)
+            logits = self.forward(images)
         loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
-        (loss_sum * scale).backward()
+        loss = loss_sum * scale
+        (loss if self.loss_scale is None else self.loss_scale.scale_loss(loss)).backward()
         with torch.no_grad():
             correct = (logits.argmax(1) == labels).sum()
             self._window += torch.stack([loss_sum.detach().double(), correct.double()])
@@ -290,8 +309,7 @@ class Trainer:
             row = {
                 "kind": "train", "epoch": epoch, "step": self.step - 1,
                 "epoch_float": point.epoch_float, "updates": self.updates, "samples": self.samples,
-                "lr": self.optimizer.param_groups[0]["lr"],
-                "momentum": self.optimizer.param_groups[0]["momentum"],
+                "lr": point.lr, "momentum": point.momentum,
                 "global_batch": int(last_count), "micro_batches": self._last_k,
                 "noise_scale": _noise_scale(point, self.schedule.dataset_size),
                 "loss": loss_sum / max(count, 1), "top1": 100.0 * correct / max(count, 1),
@@ -363,8 +381,9 @@ class Trainer:
         for images, labels in self.val.epoch(0):
             if len(labels) == 0:
                 continue
+            images = images.contiguous(memory_format=self.memory_format)
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                logits = self.model(images)
+                logits = self.forward(images)
             logits = logits.float()
             top = logits.topk(min(5, num_classes), dim=1).indices
             hits = top == labels[:, None]
