@@ -24,7 +24,11 @@ Training: ResNet-50 on synthetic 224x224 images under bf16 autocast, images per 
 * ``package step``: what the trainer does per iteration with one micro-batch: loss = sum of the
   per-sample cross entropies (fp32 logits) / batch, backward, the top-1 count, then the step of
   ``FusedLARS`` over ``param_groups`` (through ``DistributedOptimizer`` when Horovod is
-  importable);
+  importable), its lr held on the device and filled every iteration, as the trainer does;
+* ``graphed optimizer``: the same with the optimizer step replayed from a CUDA graph
+  (``train.cuda_graph: optimizer``, ``training/cuda_graph.py``);
+* ``compiled model``: the package step with the model through ``torch.compile``
+  (``train.compile``);
 * ``plain loop``: the same model, mean cross entropy, ``torch.optim.SGD(fused=True)``.
 
 Usage: ``python benchmarks/bench_gpu.py [--section lars|train|all] [--json FILE]`` (the figures
@@ -46,6 +50,10 @@ from bench_lars import (BYTES_PER_ELEMENT, HYPER, WEIGHT_DECAY, _Copy, check_var
                         copy_bandwidth, copy_floor_ms, cpu_model, make_variant, time_steps)
 from hvd_largebatch import FusedLARS, param_groups
 from hvd_largebatch.models import build_model
+from hvd_largebatch.training.cuda_graph import CapturedStep
+
+#: the training loops compared (the first three are the package's)
+TRAINING_KINDS = ("package step", "graphed optimizer", "compiled model", "plain loop")
 
 LARS_KINDS = ["FusedLARS", "FusedLARS carry", "per-tensor loop", "foreach LARS", "SGD fused"]
 
@@ -193,7 +201,10 @@ def lars_table(res: dict) -> list[str]:
 
 # -- training throughput ------------------------------------------------------------------------
 class _Loop:
-    """One training loop: model, optimizer and ``iteration(x, y)``."""
+    """One training loop: model, optimizer and ``iteration(x, y)``. The package's kinds build the
+    optimizer as the trainer does (lr and momentum held on the device, filled every iteration);
+    ``graphed optimizer`` replays its step from a CUDA graph (``train.cuda_graph: optimizer``),
+    ``compiled model`` runs the model through ``torch.compile`` (``train.compile``)."""
 
     def __init__(self, kind: str, seed_model, channels_last: bool, distributed):
         self.kind = kind
@@ -201,9 +212,16 @@ class _Loop:
         self.model.load_state_dict(seed_model.state_dict())
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        if kind == "package step":
+        self.forward = torch.compile(self.model) if kind == "compiled model" else self.model
+        self.package = kind != "plain loop"
+        self.captured = None
+        if self.package:
+            self.lr = torch.tensor(HYPER["lr"], device="cuda")
+            hyper = {**HYPER, "lr": self.lr}
             opt = FusedLARS(param_groups(self.model, WEIGHT_DECAY), weight_decay=WEIGHT_DECAY,
-                            **HYPER)
+                            **hyper)
+            if kind == "graphed optimizer":
+                self.captured = CapturedStep(opt.step)
             if distributed is not None:
                 opt = distributed(opt, named_parameters=self.model.named_parameters())
             self.window = torch.zeros(2, dtype=torch.float64, device="cuda")
@@ -213,10 +231,12 @@ class _Loop:
         self.opt = opt
 
     def iteration(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.opt.zero_grad()
+        self.opt.zero_grad(set_to_none=self.captured is None)
+        if self.package:
+            self.lr.fill_(HYPER["lr"])  # the trainer's per-iteration schedule update
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = self.model(x)
-        if self.kind == "package step":  # as Trainer._micro_step, one micro-batch
+            logits = self.forward(x)
+        if self.package:  # as Trainer._micro_step, one micro-batch
             loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
             (loss_sum * (1.0 / len(y))).backward()
             with torch.no_grad():
@@ -224,7 +244,12 @@ class _Loop:
                 self.window += torch.stack([loss_sum.detach().double(), correct.double()])
         else:
             F.cross_entropy(logits, y).backward()
-        self.opt.step()
+        if self.captured is None:
+            self.opt.step()
+        elif hasattr(self.opt, "step_after_exchange"):
+            self.opt.step_after_exchange(self.captured)
+        else:
+            self.captured()
 
 
 def bench_training(batch: int = 128, warmup: int = 10, iters: int = 20, repeats: int = 3,
@@ -244,8 +269,7 @@ def bench_training(batch: int = 128, warmup: int = 10, iters: int = 20, repeats:
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device="cuda", generator=gen)
-    loops = [_Loop(k, seed_model, channels_last, DistributedOptimizer)
-             for k in ("package step", "plain loop")]
+    loops = [_Loop(k, seed_model, channels_last, DistributedOptimizer) for k in TRAINING_KINDS]
     for loop in loops:
         for _ in range(warmup):
             loop.iteration(x, y)
@@ -264,15 +288,16 @@ def bench_training(batch: int = 128, warmup: int = 10, iters: int = 20, repeats:
             "precision": "bf16 autocast", "images_per_s": images_per_s,
             "optimizer": "DistributedOptimizer(FusedLARS), 1 rank" if DistributedOptimizer
             else "FusedLARS (no Horovod)",
-            "ratio": images_per_s["package step"] / images_per_s["plain loop"]}
+            "ratio": images_per_s["package step"] / images_per_s["plain loop"],
+            "ratios": {k: v / images_per_s["plain loop"] for k, v in images_per_s.items()}}
 
 
 def training_table(res: dict) -> list[str]:
     ips = res["images_per_s"]
     return [f"ResNet-50 training, batch {res['batch']}, {res['precision']}, channels_last "
             f"{res['channels_last']}; package step uses {res['optimizer']}",
-            *(f"{k:<14}{v:>10.0f} images/s" for k, v in ips.items()),
-            f"package step / plain loop = {res['ratio']:.3f}"]
+            *(f"{k:<18}{v:>10.0f} images/s  {res['ratios'][k]:.3f}x the plain loop"
+              for k, v in ips.items())]
 
 
 def machine() -> dict:

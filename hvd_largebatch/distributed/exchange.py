@@ -119,9 +119,10 @@ class ReplicatedExchange:
                                       **self.config.scale_factors)
         self.handles[p] = (handle, ctx)
 
-    def synchronize(self, measure_noise: bool) -> None:
+    def synchronize(self, measure_noise: bool, weight_sums: bool = True) -> None:
         """Start the allreduces backward did not start, take the sums that do not need the
-        averaged gradients while they are in flight, then put those into ``p.grad``."""
+        averaged gradients while they are in flight (``weight_sums``: the weights' squares, for
+        :meth:`step`), then put those into ``p.grad``."""
         for p in self.params:
             if p not in self.handles:
                 self.grad_ready(p, measure_noise)
@@ -131,7 +132,7 @@ class ReplicatedExchange:
             self._local_handle = hvd.allreduce_async(local_sq.reshape(1), op=hvd.Average,
                                                      name="hvdlb.noise.local_sq")
         self._local_parts = []
-        if self.lars and self.params:  # every trainable parameter now has a gradient
+        if weight_sums and self.lars and self.params:  # every trainable parameter has a gradient
             self._w_sumsq = self.optimizer.compute_sumsq(weights=True, grads=False).w_sumsq
         for p, (handle, ctx) in self.handles.items():
             p.grad.set_(self.config.compression.decompress(hvd.synchronize(handle), ctx))

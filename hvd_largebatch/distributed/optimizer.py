@@ -260,6 +260,21 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._noise.update(*measured, small_batch=b, large_batch=self._global_batch)
         return loss
 
+    @torch.no_grad()
+    def step_after_exchange(self, step_fn) -> None:
+        """Replicated mode: finish the exchange, then call ``step_fn()`` in place of the exact-norm
+        step, e.g. the replay of a CUDA graph of the wrapped optimizer's ``step()`` captured on
+        these very ``p.grad`` tensors. After the allreduce every rank holds the same gradients and
+        weights, so the wrapped optimizer's own norms are the exact ones. The noise scale is not
+        measured (its collective cannot be part of the captured step)."""
+        if self.shard_optimizer_state:
+            raise ConfigError("shard_optimizer_state", "step_after_exchange needs replicated "
+                              "optimizer state (the sharded step has collectives inside)")
+        self._exchange.synchronize(measure_noise=False, weight_sums=False)
+        for p in self._delay:
+            self._delay[p] = self.backward_passes_per_step
+        step_fn()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients. Sharded mode always zeroes in place (``p.grad`` are views of the
         flat gradient buffer), whatever ``set_to_none``."""

@@ -54,6 +54,8 @@ the ``schedule`` section has a default::
                                 # fused into FusedLARS: for GPUs without bf16, e.g. V100)
       channels_last: null       # NHWC model and inputs (default: on for CUDA, off for the CPU)
       compile: false            # torch.compile the model (its forward and backward)
+      cuda_graph: none          # none | optimizer: the optimizer step captured once in a CUDA
+                                # graph and replayed (CUDA, replicated optimizer state)
       device: auto              # auto (cuda if available) | cpu | cuda
       eval_batch: null          # per-rank batch of evaluation (default max_per_rank_batch)
       average_bn_stats: true    # average BN running statistics over ranks before eval/checkpoint
@@ -86,6 +88,7 @@ STATS = ("imagenet", "cifar10", "digits", "custom")
 OPTIMIZERS = ("sgd", "lars")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+CUDA_GRAPHS = ("none", "optimizer")
 DEFAULT_DIGITS_PATH = "data/digits"
 SYNTHETIC_CLASSES = 1000
 SYNTHETIC_VAL_SAMPLES = 50_000
@@ -141,6 +144,7 @@ class TrainConfig:
     precision: str = "fp32"
     channels_last: bool | None = None
     compile: bool = False
+    cuda_graph: str = "none"
     device: str = "auto"
     eval_batch: int | None = None
     average_bn_stats: bool = True
@@ -170,7 +174,7 @@ MOVED_KEYS = {
 }
 CHOICES = {
     "data.source": DATA_SOURCES, "data.stats": STATS, "optimizer.name": OPTIMIZERS,
-    "train.precision": PRECISIONS, "train.device": DEVICES,
+    "train.precision": PRECISIONS, "train.device": DEVICES, "train.cuda_graph": CUDA_GRAPHS,
 }
 
 
@@ -387,6 +391,12 @@ def _check_values(cfg: Config) -> None:
     _at_least("train.log_every", t.log_every, 1)
     if t.eval_batch is not None:
         _at_least("train.eval_batch", t.eval_batch, 1)
+    if t.cuda_graph != "none" and o.shard_optimizer_state:
+        raise ConfigError("train.cuda_graph", "needs optimizer.shard_optimizer_state: false (the "
+                          "sharded step has collectives inside, which a graph cannot hold)")
+    if t.cuda_graph != "none" and t.device == "cpu":
+        raise ConfigError("train.cuda_graph", "captures CUDA work: it needs train.device cuda or "
+                          "auto on a GPU")
     if not cfg.output.dir:
         raise ConfigError("output.dir", "must not be empty")
 

@@ -184,6 +184,8 @@ def setup_run(cfg: Config, *, resume: str | None, synthetic: bool, world_size: i
         data = index_data(cfg, stated_dataset_size(cfg))
         schedule = build_schedule(cfg, data.num_train)
     device = resolve_device(cfg.train.device, local_rank)
+    if cfg.train.cuda_graph != "none" and device.type != "cuda":
+        raise ConfigError("train.cuda_graph", f"captures CUDA work, but this rank runs on {device}")
     micro = micro_batch_plan(schedule, world_size, cfg.train.max_per_rank_batch)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, data.num_classes, cfg.model.options)

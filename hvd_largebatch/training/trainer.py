@@ -31,7 +31,8 @@ too, with the loss multiplied by the optimizer's loss scale (unscaled, checked a
 the FusedLARS step, on the device). The lr and the momentum are 0-dim tensors on the device that
 every iteration fills in place (no host synchronization). ``train.channels_last`` keeps the model
 and its inputs in NHWC; ``train.compile`` runs the forward (and backward) through
-``torch.compile`` (the checkpoint holds the plain module's state).
+``torch.compile`` (the checkpoint holds the plain module's state); ``train.cuda_graph: optimizer``
+replays the optimizer step from a CUDA graph (``training/cuda_graph.py``).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ import yaml
 from hvd_largebatch.schedules import noise_scale
 from hvd_largebatch.training.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from hvd_largebatch.training.config import Config
+from hvd_largebatch.training.cuda_graph import CapturedStep
 from hvd_largebatch.training.metrics import MetricsLogger, ProgressBar
 from hvd_largebatch.training.setup import (Run, agreed_run, build_optimizer, memory_format,
                                            train_loader, val_loader)
@@ -94,6 +96,9 @@ class Trainer:
         self.loss_scale = self.optimizer.optimizer.loss_scale
         self.memory_format = memory_format(self.cfg, self.device)
         self.forward = torch.compile(self.model) if self.cfg.train.compile else self.model
+        self._captured = None  # the graphed optimizer step (train.cuda_graph: optimizer)
+        if self.cfg.train.cuda_graph == "optimizer":
+            self.capture_optimizer_step()
         self.sampler = run.sampler
         self.autocast = _PRECISION_DTYPES.get(self.cfg.train.precision)
         self.val = val_loader(self.cfg, run.data, run.world_size, run.rank, device=self.device,
@@ -185,6 +190,13 @@ class Trainer:
             self.logger.close()
             self.logger = None
 
+    def capture_optimizer_step(self, graph_factory=None) -> None:
+        """From now on the optimizer step (after the exchange) is captured once in a CUDA graph
+        and replayed (``training/cuda_graph.py``); ``graph_factory`` replaces the CUDA graph in
+        tests. Gradients are then zeroed in place, and the noise scale is not measured."""
+        self._captured = CapturedStep(self.optimizer.optimizer.step, graph_factory=graph_factory)
+        self.optimizer.set_global_batch(None)
+
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict:
         self._install_signal_handler()
@@ -225,15 +237,18 @@ class Trainer:
             self._filled = (point.lr, point.momentum)
         if k != opt.backward_passes_per_step:
             opt.set_backward_passes_per_step(k)
-        if point.global_batch != self._last_point.global_batch:
+        if point.global_batch != self._last_point.global_batch and self._captured is None:
             opt.set_global_batch(point.global_batch)  # for the gradient noise scale
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=self._captured is None)  # a graph reads the same p.grad
         scale = 1.0 / point.global_batch
         self._last_count = 0
         for _ in range(k):
             images, labels = next(batches)
             self._micro_step(images, labels, scale)
-        opt.step()
+        if self._captured is None:
+            opt.step()
+        else:
+            opt.step_after_exchange(self._captured)
         self.step += 1
         self.updates += 1
         self.samples += point.global_batch

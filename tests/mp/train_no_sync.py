@@ -5,7 +5,9 @@ Usage: train_no_sync.py CONFIG [dotted.key=value overrides...]. Every way a tens
 ``__index__``) is counted while ``Trainer._iteration`` runs, except inside ``_flush_window`` (the
 log boundary, where the trainer reduces its metrics on purpose); evaluation and checkpoints run
 outside iterations. On a GPU each of these is a synchronization; on the CPU they are what would
-be one. Prints "RANK r NO SYNC OK <iterations>" or the first offending call's stack.
+be one. On a GPU, ``torch.cuda.set_sync_debug_mode("error")`` is on inside iterations too (outside
+the flush), so any synchronizing CUDA call of torch raises. Prints "RANK r NO SYNC OK
+<iterations>" or the first offending call's stack.
 """
 import sys
 import traceback
@@ -30,13 +32,20 @@ def counted(name, original):
     return conversion
 
 
+def sync_debug(mode: str) -> None:
+    if trainer.device.type == "cuda":
+        torch.cuda.set_sync_debug_mode(mode)
+
+
 def flag(key, original, count=False):
     def wrapped(*args, **kwargs):
         state[key] = True
+        sync_debug("error" if state["iteration"] and not state["flush"] else "default")
         try:
             return original(*args, **kwargs)
         finally:
             state[key] = False
+            sync_debug("error" if state["iteration"] and not state["flush"] else "default")
             state["iterations"] += count
     return wrapped
 

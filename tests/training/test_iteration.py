@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from hvd_largebatch.errors import ConfigError
 from hvd_largebatch.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from hvd_largebatch.training.config import parse_config
 from hvd_largebatch.training.setup import memory_format, setup_run
@@ -51,6 +52,18 @@ def test_no_host_synchronization_inside_an_iteration(tmp_path, launcher, extra):
     assert proc.stdout.count("NO SYNC OK 12") == 2, proc.stdout  # 8 + 4 iterations
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA device (torch.cuda.is_available() is False)")
+@pytest.mark.parametrize("extra", [[], ["train.precision=fp16", "train.cuda_graph=optimizer"]],
+                         ids=["bf16-eager", "fp16-graphed"])
+def test_no_cuda_synchronization_inside_an_iteration(tmp_path, extra):
+    """On a GPU (make check-gpu): the same count, with torch's sync debug mode raising."""
+    extra = ["train.device=cuda", "train.precision=bf16", *extra]
+    proc = run_ranks(MP / "train_no_sync.py", write(tmp_path), *extra, np=1, timeout=300)
+    assert proc.returncode == 0, proc.stdout
+    assert "NO SYNC OK 12" in proc.stdout, proc.stdout
+
+
 def test_fp16_run_keeps_its_loss_scale_in_the_checkpoint(tmp_path):
     proc = run_ranks(*CLI, "train", str(write(tmp_path, precision="fp16")), np=2, timeout=150)
     assert proc.returncode == 0, proc.stdout
@@ -82,3 +95,39 @@ def test_channels_last_model_has_nhwc_weights(tmp_path):
     convs = [m.weight for m in run.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     assert any(not w.is_contiguous() for w in convs)  # (1x1 kernels are both)
+
+
+def test_captured_optimizer_step_equals_the_normal_step(tmp_path):
+    """train.cuda_graph's flow (exchange outside, the wrapped step captured and replayed on
+    static gradients, schedule on the device) ends bitwise where the normal trainer does."""
+    normal, captured = tmp_path / "normal", tmp_path / "captured"
+    normal.mkdir()
+    captured.mkdir()
+    assert run_ranks(*CLI, "train", str(write(normal)), np=2, timeout=150).returncode == 0
+    proc = run_ranks(MP / "train_captured.py", write(captured), np=2, timeout=150)
+    assert proc.returncode == 0, proc.stdout
+    assert proc.stdout.count("CAPTURED OK 9") == 2, proc.stdout  # 12 steps, 3 of them warm-up
+    ours = load_checkpoint(str(captured / "out" / CHECKPOINT_NAME))
+    theirs = load_checkpoint(str(normal / "out" / CHECKPOINT_NAME))
+    for name, tensor in theirs["model"].items():
+        if not name.endswith(("running_mean", "running_var")):  # (averaged at checkpoints)
+            assert torch.equal(ours["model"][name], tensor), name
+    for key, state in theirs["optimizer"]["state"].items():
+        assert torch.equal(ours["optimizer"]["state"][key]["momentum_buffer"],
+                           state["momentum_buffer"])
+
+
+def test_cuda_graph_without_a_gpu_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="train.cuda_graph: captures CUDA work: it needs"):
+        parse_config(config(tmp_path, cuda_graph="optimizer", device="cpu"))
+    if not torch.cuda.is_available():  # auto: decided on the rank, when it has no GPU
+        cfg = parse_config(config(tmp_path, cuda_graph="optimizer"))
+        with pytest.raises(ConfigError, match="captures CUDA work, but this rank runs on cpu"):
+            setup_run(cfg, resume=None, synthetic=False, world_size=1, rank=0, local_rank=0)
+
+
+def test_cuda_graph_with_sharded_state_is_refused(tmp_path):
+    mapping = config(tmp_path, cuda_graph="optimizer")
+    mapping["optimizer"]["shard_optimizer_state"] = True
+    with pytest.raises(ConfigError, match="train.cuda_graph: needs optimizer.shard_optimizer_state"):
+        parse_config(mapping)
