@@ -87,14 +87,12 @@ def run(args: argparse.Namespace) -> int:
     def load():
         cfg = load_config(args.config, args.overrides)
         if args.elastic:
+            from hvd_largebatch.training.elastic import check_elastic
+
             check_elastic(cfg)
         return cfg
 
-    if args.elastic:
-        from hvd_largebatch.training.elastic import check_elastic, train_elastic as train
-    else:
-        from hvd_largebatch.training.trainer import train
-    try:
+    try:  # before importing torch and Horovod: a bad config on one process fails in a second
         cfg = load()
     except ConfigError as e:
         if launcher_size() == 1 or args.elastic:  # no other rank to tell / every rank fails alike
@@ -102,7 +100,10 @@ def run(args: argparse.Namespace) -> int:
         cfg = load  # the trainer reads it again after hvd.init and reports it on every rank
 
     from hvd_largebatch.training.setup import SetupError
-    from hvd_largebatch.training.trainer import Diverged
+    from hvd_largebatch.training.trainer import Diverged, train
+
+    if args.elastic:
+        from hvd_largebatch.training.elastic import train_elastic as train
 
     try:
         summary = train(cfg, resume=args.resume, synthetic=args.synthetic, overwrite=args.overwrite)

@@ -9,8 +9,14 @@ strings, lists and dicts, so ``load_checkpoint`` uses ``torch.load(weights_only=
 Contents (written by ``hvd_largebatch.training.trainer``): ``format``/``version``, ``model_name``,
 ``model_options``, ``num_classes``, ``model`` (state dict), ``optimizer`` (full state, gathered
 when sharded), ``epoch`` and ``step`` (the next iteration to run), ``updates`` (optimizer steps
-so far), ``sampler`` (``GlobalSampler.state_dict()``), ``rng`` (every rank's torch generator
-states), ``world_size``, ``config`` (the whole config) and ``schedule`` (its explicit form).
+so far), ``skipped_steps`` (updates skipped for non-finite gradients so far), ``sampler``
+(``GlobalSampler.state_dict()``), ``rng`` (every rank's torch generator states), ``world_size``,
+``config`` (the whole config) and ``schedule`` (its explicit form). The trainer never writes
+non-finite weights or BN statistics (it stops instead, keeping the previous file).
+
+Also here: the checks of ``output.dir`` before a run (:func:`check_output_dir`: writable; a
+checkpoint there is replaced only with ``--overwrite``) and of a resumed config against the
+checkpoint's (:func:`resume_changes`).
 """
 from __future__ import annotations
 

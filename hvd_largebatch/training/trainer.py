@@ -209,7 +209,8 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.gathered_state_dict(),
             "epoch": self.epoch, "step": self.step, "updates": self.updates,
             "samples": self.samples, "wall_time": self.wall_time,
-            "skipped_steps": self.skipped_steps, "sampler": self.sampler.state_dict(), "rng": rngs, "world_size": self.run.world_size,
+            "skipped_steps": self.skipped_steps, "sampler": self.sampler.state_dict(),
+            "rng": rngs, "world_size": self.run.world_size,
             "config": self.cfg.to_dict(), "schedule": self.schedule.to_config(),
         }
 
