@@ -147,11 +147,15 @@ class FileIndex:
 
     @classmethod
     def from_file_list(cls, list_path: str, root: str | None = None,
-                       num_classes: int | None = None, check_files: bool = True) -> "FileIndex":
+                       num_classes: int | None = None, check_files: bool = True,
+                       check_share: tuple[int, int] = (0, 1)) -> "FileIndex":
         """Index a ``path label`` list. DataError naming the list and line for a malformed line,
         a label outside ``[0, num_classes)`` (only ``>= 0`` is checked without num_classes) or,
-        with ``check_files``, a listed file that is not there (all files are stat'ed in
-        parallel, ``STAT_THREADS`` threads)."""
+        with ``check_files``, a listed file that is not there (stat'ed in parallel by
+        ``STAT_THREADS`` threads). ``check_share=(k, n)``: stat only the samples ``i`` with
+        ``i % n == k``, so that the ``n`` processes of one node share the work (the trainer
+        passes the local rank and the ranks on the node: every node checks its own copy of
+        the data once)."""
         list_path = os.fspath(list_path)
         root = os.path.dirname(os.path.abspath(list_path)) if root is None else os.fspath(root)
         try:
@@ -180,7 +184,7 @@ class FileIndex:
         if not rel_paths:
             raise DataError(f"{list_path}: the file list has no samples")
         if check_files:
-            missing = first_missing(root, rel_paths)
+            missing = first_missing(root, rel_paths, *check_share)
             if missing is not None:
                 i, reason = missing
                 raise DataError(f"{list_path}:{linenos[i]}: {os.path.join(root, rel_paths[i])}: "
@@ -189,17 +193,20 @@ class FileIndex:
         return cls(root, rel_paths, np.asarray(labels, dtype=np.int64), classes, source=list_path)
 
 
-def first_missing(root: str, rel_paths: Sequence[str]) -> tuple[int, str] | None:
-    """``(index, reason)`` of the first of ``rel_paths`` (under ``root``) that is not a regular
-    file, or None; the files are stat'ed by ``STAT_THREADS`` threads, ``STAT_CHUNK`` per task."""
+def first_missing(root: str, rel_paths: Sequence[str], share: int = 0,
+                  shares: int = 1) -> tuple[int, str] | None:
+    """``(index, reason)`` of the first of ``rel_paths[share::shares]`` (under ``root``) that is
+    not a regular file, or None; stat'ed by ``STAT_THREADS`` threads, ``STAT_CHUNK`` per task."""
+    mine = range(share, len(rel_paths), shares)
+
     def scan(start: int) -> int | None:
-        for i in range(start, min(start + STAT_CHUNK, len(rel_paths))):
+        for i in mine[start:start + STAT_CHUNK]:
             if not os.path.isfile(os.path.join(root, rel_paths[i])):
                 return i
         return None
 
-    with ThreadPoolExecutor(min(STAT_THREADS, 1 + len(rel_paths) // STAT_CHUNK)) as pool:
-        for i in pool.map(scan, range(0, len(rel_paths), STAT_CHUNK)):
+    with ThreadPoolExecutor(min(STAT_THREADS, 1 + len(mine) // STAT_CHUNK)) as pool:
+        for i in pool.map(scan, range(0, len(mine), STAT_CHUNK)):
             if i is not None:
                 there = os.path.lexists(os.path.join(root, rel_paths[i]))
                 return i, "is not a regular file" if there else "not found"

@@ -299,6 +299,10 @@ def _check_stray_colons(node: Any, path: str) -> None:
     """ConfigError naming a key such as ``type:constant`` with no value: YAML's reading of
     ``{type:constant}`` (no space after the colon), which would otherwise surface as a missing
     ``type``."""
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            _check_stray_colons(item, f"{path}[{i}]")
+        return
     if not isinstance(node, Mapping):
         return
     for key, value in node.items():

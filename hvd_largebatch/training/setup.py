@@ -177,14 +177,14 @@ def micro_batch_plan(schedule: Schedule, world_size: int, max_per_rank_batch: in
 
 
 def setup_run(cfg: Config, *, resume: str | None, synthetic: bool, world_size: int, rank: int,
-              local_rank: int, overwrite: bool = False) -> Run:
+              local_rank: int, local_size: int = 1, overwrite: bool = False) -> Run:
     """Build and check the run on this rank (no collective; see the module docstring).
     ``overwrite``: a fresh start may replace a checkpoint in ``output.dir`` (checked on rank 0,
     the rank that writes, with the folder's writability)."""
     if synthetic:
         cfg, schedule, data = _rehearsal(cfg, world_size)
     else:
-        data = index_data(cfg, stated_dataset_size(cfg))
+        data = index_data(cfg, stated_dataset_size(cfg), check_share=(local_rank, local_size))
         schedule = build_schedule(cfg, data.num_train)
     device = resolve_device(cfg.train.device, local_rank)
     micro = micro_batch_plan(schedule, world_size, cfg.train.max_per_rank_batch)
@@ -234,7 +234,8 @@ def agreed_run(cfg: Config, hvd, *, resume: str | None, synthetic: bool,
         agree(hvd, lambda: prepare_digits(cfg.data) if hvd.rank() == 0 else None, "writing digits")
     run = agree(hvd, lambda: setup_run(cfg, resume=resume, synthetic=synthetic,
                                        world_size=hvd.size(), rank=hvd.rank(),
-                                       local_rank=hvd.local_rank(), overwrite=overwrite))
+                                       local_rank=hvd.local_rank(), local_size=hvd.local_size(),
+                                       overwrite=overwrite))
     check_agreement(hvd, describe_run(run), "data and resume point")
     return run
 
@@ -280,11 +281,13 @@ def prepare_digits(d: DataConfig) -> None:
         write_digits_folder(data_root(d))
 
 
-def index_data(cfg: Config, schedule_dataset_size: int | None) -> DataSets:
+def index_data(cfg: Config, schedule_dataset_size: int | None,
+               check_share: tuple[int, int] = (0, 1)) -> DataSets:
     """Index the training and validation sets; DataError naming the missing folder or file.
 
     ``schedule_dataset_size`` is the size synthetic data takes when ``data.num_samples`` is
-    not set."""
+    not set. ``check_share``: (local rank, ranks on this node): the share of a file list's files
+    this rank checks for existence (see ``FileIndex.from_file_list``)."""
     d = cfg.data
     if d.source == "synthetic":
         n = d.num_samples or schedule_dataset_size
@@ -300,9 +303,9 @@ def index_data(cfg: Config, schedule_dataset_size: int | None) -> DataSets:
         # with skip_bad_files a missing file is skipped (and counted) when it is read instead
         check = not d.skip_bad_files
         train = FileIndex.from_file_list(os.path.join(root, d.train_list), root=root,
-                                         check_files=check)
+                                         check_files=check, check_share=check_share)
         val = FileIndex.from_file_list(os.path.join(root, d.val_list), root=root,
-                                       check_files=check)
+                                       check_files=check, check_share=check_share)
     else:
         train = FileIndex.from_folder(os.path.join(root, "train"))
         val = FileIndex.from_folder(os.path.join(root, "val"))

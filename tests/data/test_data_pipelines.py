@@ -161,6 +161,13 @@ def test_file_list_names_the_first_missing_file_and_its_line(tmp_path, monkeypat
     with pytest.raises(DataError, match=r"list\.txt:43: .*/41\.png: listed file not found$"):
         FileIndex.from_file_list(str(tmp_path / "list.txt"))
     assert len(FileIndex.from_file_list(str(tmp_path / "list.txt"), check_files=False)) == 100
+    # the ranks of a node share the check: of 4, rank 1 finds sample 41, rank 0 sample 80
+    for k in (2, 3):
+        FileIndex.from_file_list(str(tmp_path / "list.txt"), check_share=(k, 4))
+    with pytest.raises(DataError, match=r"list\.txt:43: .*/41\.png"):
+        FileIndex.from_file_list(str(tmp_path / "list.txt"), check_share=(1, 4))
+    with pytest.raises(DataError, match=r"list\.txt:82: .*/80\.png"):
+        FileIndex.from_file_list(str(tmp_path / "list.txt"), check_share=(0, 4))
 
 
 # -- DALI pipelines -------------------------------------------------------------------------

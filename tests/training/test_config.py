@@ -174,6 +174,9 @@ def test_stray_colon_key_is_named_in_files_and_overrides():
     with pytest.raises(ConfigError, match=r"^train\.note\.seed:3: stray key 'seed:3': .*write "
                                           r"'seed: 3'$"):
         parse_config(mapping)
+    mapping = yaml.safe_load("schedule: {phases: [{end_epoch: 1}, {end_epoch:2}]}")
+    with pytest.raises(ConfigError, match=r"^schedule\.phases\[1\]\.end_epoch:2: stray key"):
+        parse_config({**BASE, **mapping})
 
 
 def test_the_32k_config_runs_algorithm_1_as_written():

@@ -219,7 +219,8 @@ def test_update_is_the_exact_global_batch_mean_with_uneven_micro_batches(digits,
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("case,launcher", [("batch", "gloo"), ("folder", "mpirun"),
-                                           ("model", "gloo"), ("key", "gloo")])
+                                           ("model", "gloo"), ("key", "gloo"),
+                                           ("filelist", "mpirun")])
 def test_bad_input_ends_every_rank_with_one_message(case, launcher, reference, digits, tmp_path):
     mapping = config(digits, tmp_path / "out")
     extra = []
@@ -234,6 +235,16 @@ def test_bad_input_ends_every_rank_with_one_message(case, launcher, reference, d
         mapping["model"] = {"name": "wrn_16_4"}
         extra = ["--resume", str(reference / "out" / CHECKPOINT_NAME)]
         expected = "model.name: " + str(reference / "out" / CHECKPOINT_NAME) + " holds a small_resnet model"
+    elif case == "filelist":  # the list names a file that is gone: found at indexing
+        copy = tmp_path / "listed"
+        shutil.copytree(digits, copy)
+        sixth = (copy / "train.txt").read_text().splitlines()[5].split()[0]
+        (copy / sixth).unlink()
+        mapping["data"].update(source="filelist", path=str(copy), train_list="train.txt",
+                               val_list="val.txt", stats="digits")
+        # the 2 ranks of this node share the check: sample 5 is rank 1's
+        expected = (f"rank 1 of 2: DataError: {copy / 'train.txt'}:6: {copy / sixth}: listed "
+                    f"file not found")
     else:  # a typo on the command line
         extra = ["--set", "train.warmup_epochs=5"]
         expected = "train.warmup_epochs: unknown key"
