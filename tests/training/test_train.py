@@ -450,7 +450,7 @@ def test_train_cli_help_lists_options(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    for option in ("--set", "--resume", "--synthetic"):
+    for option in ("--set", "--resume", "--overwrite", "--synthetic"):
         assert option in text
 
 
