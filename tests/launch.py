@@ -24,17 +24,23 @@ def launcher_command(launcher: str, np: int) -> list[str]:
     if launcher == "gloo":
         return [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", "--gloo"]
     if launcher == "mpirun":
-        return ["mpirun", "-np", str(np), "--oversubscribe", "-bind-to", "none", "-map-by", "slot",
-                "-x", "PATH", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS",
-                "-mca", "btl", "self,tcp", "-mca", "btl_tcp_if_include", "lo"]
+        return [*MPIRUN, "-np", str(np)]
     raise ValueError(f"unknown launcher {launcher!r}")
 
 
+#: mpirun and its options for local test jobs (the environment is forwarded with -x)
+MPIRUN = ["mpirun", "--oversubscribe", "-bind-to", "none", "-map-by", "slot",
+          "-x", "PATH", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS",
+          "-mca", "btl", "self,tcp", "-mca", "btl_tcp_if_include", "lo"]
+
+
 def job_env(extra: dict | None = None) -> dict:
-    """The environment of a launched job: root allowed for Open MPI, one thread, this repo first."""
-    return {**os.environ, **ROOT_ENV, "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-            **(extra or {})}
+    """The environment of a launched job: root allowed for Open MPI, one thread, this repo first;
+    then ``extra`` (a value of None removes the variable)."""
+    env = {**os.environ, **ROOT_ENV, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           **(extra or {})}
+    return {k: v for k, v in env.items() if v is not None}
 
 
 def run_command(cmd: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -47,7 +53,7 @@ def run_command(cmd: list[str], timeout: float, env: dict | None = None) -> subp
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
         out, _ = proc.communicate()
-        raise AssertionError(f"job {' '.join(cmd)} hung for {timeout}s:\n{out}")
+        raise AssertionError(f"job {' '.join(map(str, cmd))} hung for {timeout}s:\n{out}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 

@@ -341,7 +341,21 @@ def template_env(spec: JobSpec) -> dict[str, str]:
     if spec.launcher == "elastic":
         env["MIN_NODES"] = str(spec.min_nodes or spec.nodes)
         env["MAX_NODES"] = str(spec.max_nodes or spec.nodes)
+    env.update(launchers_beside(env["PYTHON"]))
     return env
+
+
+def launchers_beside(python: str) -> dict[str, str]:
+    """``HOROVODRUN`` / ``MPIRUN`` for the templates: the launchers in the folder of ``python``
+    (the Python that runs this package, e.g. a venv's bin, which need not be on PATH), where
+    they exist there; the templates fall back to PATH for the others."""
+    folder = os.path.dirname(python)
+    found = {}
+    for var, name in (("HOROVODRUN", "horovodrun"), ("MPIRUN", "mpirun")):
+        path = os.path.join(folder, name)
+        if folder and os.access(path, os.X_OK):
+            found[var] = path
+    return found
 
 
 def submit_command(spec: JobSpec) -> list[str]:

@@ -14,12 +14,19 @@ long-lived per-file objects, and processes forked from the owner share the pages
 """
 from __future__ import annotations
 
+import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from hvd_largebatch.errors import DataError
+
+#: threads that stat the files of a list at indexing (network file systems answer in parallel)
+STAT_THREADS = 32
+#: files per stat task
+STAT_CHUNK = 2048
 
 #: File name endings (lower case) taken as images when scanning a folder: the formats DALI decodes.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jp2",
@@ -86,6 +93,15 @@ class FileIndex:
             raise DataError(f"{path}: sample {i} of {self.source} is an empty file")
         return np.frombuffer(data, dtype=np.uint8)
 
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the relative paths, the labels and the class names: equal for two
+        copies of one data set under different roots, different for any other set."""
+        h = hashlib.sha256()
+        h.update(self._blob.tobytes())
+        h.update(self.labels.astype("<i8").tobytes())
+        h.update("\n".join(self.classes or ()).encode("utf-8"))
+        return h.hexdigest()
+
     def check_labels(self, num_classes: int) -> None:
         """DataError naming the first file whose label is outside ``[0, num_classes)``."""
         bad = np.flatnonzero((self.labels < 0) | (self.labels >= num_classes))
@@ -131,9 +147,15 @@ class FileIndex:
 
     @classmethod
     def from_file_list(cls, list_path: str, root: str | None = None,
-                       num_classes: int | None = None) -> "FileIndex":
-        """Index a ``path label`` list. DataError naming the list and line for a malformed line
-        or a label outside ``[0, num_classes)`` (only ``>= 0`` is checked without num_classes)."""
+                       num_classes: int | None = None, check_files: bool = True,
+                       check_share: tuple[int, int] = (0, 1)) -> "FileIndex":
+        """Index a ``path label`` list. DataError naming the list and line for a malformed line,
+        a label outside ``[0, num_classes)`` (only ``>= 0`` is checked without num_classes) or,
+        with ``check_files``, a listed file that is not there (stat'ed in parallel by
+        ``STAT_THREADS`` threads). ``check_share=(k, n)``: stat only the samples ``i`` with
+        ``i % n == k``, so that the ``n`` processes of one node share the work (the trainer
+        passes the local rank and the ranks on the node: every node checks its own copy of
+        the data once)."""
         list_path = os.fspath(list_path)
         root = os.path.dirname(os.path.abspath(list_path)) if root is None else os.fspath(root)
         try:
@@ -143,6 +165,7 @@ class FileIndex:
             raise DataError(f"{list_path}: cannot read the file list ({e.strerror or e})") from e
         rel_paths: list[str] = []
         labels: list[int] = []
+        linenos: list[int] = []
         for lineno, line in enumerate(lines, 1):
             line = line.strip()
             if not line or line.startswith("#"):
@@ -157,7 +180,34 @@ class FileIndex:
                 raise DataError(f"{list_path}:{lineno}: label {label} of {parts[0]!r} is not {limit}")
             rel_paths.append(parts[0])
             labels.append(label)
+            linenos.append(lineno)
         if not rel_paths:
             raise DataError(f"{list_path}: the file list has no samples")
+        if check_files:
+            missing = first_missing(root, rel_paths, *check_share)
+            if missing is not None:
+                i, reason = missing
+                raise DataError(f"{list_path}:{linenos[i]}: {os.path.join(root, rel_paths[i])}: "
+                                f"listed file {reason}")
         classes = [str(c) for c in range(num_classes)] if num_classes is not None else None
         return cls(root, rel_paths, np.asarray(labels, dtype=np.int64), classes, source=list_path)
+
+
+def first_missing(root: str, rel_paths: Sequence[str], share: int = 0,
+                  shares: int = 1) -> tuple[int, str] | None:
+    """``(index, reason)`` of the first of ``rel_paths[share::shares]`` (under ``root``) that is
+    not a regular file, or None; stat'ed by ``STAT_THREADS`` threads, ``STAT_CHUNK`` per task."""
+    mine = range(share, len(rel_paths), shares)
+
+    def scan(start: int) -> int | None:
+        for i in mine[start:start + STAT_CHUNK]:
+            if not os.path.isfile(os.path.join(root, rel_paths[i])):
+                return i
+        return None
+
+    with ThreadPoolExecutor(min(STAT_THREADS, 1 + len(mine) // STAT_CHUNK)) as pool:
+        for i in pool.map(scan, range(0, len(mine), STAT_CHUNK)):
+            if i is not None:
+                there = os.path.lexists(os.path.join(root, rel_paths[i]))
+                return i, "is not a regular file" if there else "not found"
+    return None

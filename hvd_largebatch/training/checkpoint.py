@@ -9,8 +9,14 @@ strings, lists and dicts, so ``load_checkpoint`` uses ``torch.load(weights_only=
 Contents (written by ``hvd_largebatch.training.trainer``): ``format``/``version``, ``model_name``,
 ``model_options``, ``num_classes``, ``model`` (state dict), ``optimizer`` (full state, gathered
 when sharded), ``epoch`` and ``step`` (the next iteration to run), ``updates`` (optimizer steps
-so far), ``sampler`` (``GlobalSampler.state_dict()``), ``rng`` (every rank's torch generator
-states), ``world_size``, ``config`` (the whole config) and ``schedule`` (its explicit form).
+so far), ``skipped_steps`` (updates skipped for non-finite gradients so far), ``sampler``
+(``GlobalSampler.state_dict()``), ``rng`` (every rank's torch generator states), ``world_size``,
+``config`` (the whole config) and ``schedule`` (its explicit form). The trainer never writes
+non-finite weights or BN statistics (it stops instead, keeping the previous file).
+
+Also here: the checks of ``output.dir`` before a run (:func:`check_output_dir`: writable; a
+checkpoint there is replaced only with ``--overwrite``) and of a resumed config against the
+checkpoint's (:func:`resume_changes`).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import tempfile
 import torch
 
 from hvd_largebatch.errors import ConfigError, DataError
+from hvd_largebatch.training.config import flatten
 
 FORMAT = "hvd-largebatch-checkpoint"
 VERSION = 1
@@ -78,6 +85,54 @@ def check_model_matches(state: dict, path: str, name: str, options: dict, num_cl
     if theirs[2] != ours[2]:
         raise ConfigError("model.num_classes", f"{path} holds a model with {theirs[2]} classes, "
                           f"this config's has {ours[2]}")
+
+
+def check_output_dir(output_dir: str, *, resuming: bool, overwrite: bool) -> None:
+    """ConfigError naming ``output.dir`` when it cannot be created or written, or when it holds a
+    checkpoint that a fresh start (not ``resuming``) would replace and ``overwrite`` is not set.
+    Called on the rank that writes (rank 0) before any work."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as e:
+        raise ConfigError("output.dir", f"{output_dir}: cannot write there "
+                          f"({e.strerror or e})") from None
+    if not resuming and not overwrite and os.path.exists(os.path.join(output_dir, CHECKPOINT_NAME)):
+        raise ConfigError("output.dir", f"{output_dir} holds {CHECKPOINT_NAME} of an earlier run: "
+                          f"continue it with --resume auto, start over (replacing its checkpoint "
+                          f"and metrics) with --overwrite, or choose another output.dir")
+
+
+#: config keys whose change makes a checkpoint's optimizer state wrong, and why
+RESUME_REFUSED = {
+    "optimizer.momentum_correction": "the momentum buffers hold u (true: w -= lr u) or v = lr u "
+                                     "(false: w -= v); continuing in the other form would scale "
+                                     "every step by lr or 1 / lr",
+}
+#: what a key absent from an older checkpoint's config meant
+RESUME_DEFAULTS = {"optimizer.momentum_correction": True, "optimizer.denominator": "separate"}
+
+
+def resume_changes(saved: dict, current: dict, path: str) -> list[str]:
+    """One line per config key (dotted) whose value differs between the checkpoint's config
+    ``saved`` and the ``current`` one (both ``Config.to_dict()`` forms), ``output.*`` aside
+    (where and how results are written changes no update); ConfigError for a change in
+    :data:`RESUME_REFUSED`. Everything else may change on resume (a new lr, optimizer, weight
+    decay...): the run continues from the checkpoint's weights, momentum and data position with
+    the new values, and the user is told which."""
+    old, new = {**RESUME_DEFAULTS, **flatten(saved)}, flatten(current)
+    lines = []
+    for key in list(new) + [k for k in old if k not in new]:
+        before, after = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if before == after or key.startswith("output."):
+            continue
+        if key in RESUME_REFUSED:
+            raise ConfigError(key, f"{path} was written with {before!r}, this config has "
+                              f"{after!r}: {RESUME_REFUSED[key]}; resume with {key}={before!r} "
+                              f"or start over")
+        lines.append(f"{key} = {after!r} (the checkpoint was written with {before!r})")
+    return lines
 
 
 def resolve_resume(resume: str | None, output_dir: str) -> str | None:

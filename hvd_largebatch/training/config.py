@@ -42,6 +42,11 @@ the ``schedule`` section has a default::
       trust_coefficient: 0.001  # LARS eta
       eps: 0.0                  # LARS: added to the trust ratio's denominator
       exclude_bn_and_bias: true # no weight decay / no LARS adaptation for BN and biases
+      momentum_correction: true # true: u <- m u + r d, w <- w - lr u (torch form; Goyal et al.'s
+                                # momentum correction when the lr changes); false: You et al.'s
+                                # Algorithm 1 as written, v <- m v + lr r d, w <- w - v
+      denominator: separate     # LARS trust ratio: separate eta ||w|| / (||g|| + wd ||w|| + eps)
+                                # (You et al.) | combined eta ||w|| / (||g + wd w|| + eps)
       shard_optimizer_state: false  # reduce-scatter gradients, shard momentum over ranks
     train:
       max_per_rank_batch: 256   # largest micro-batch per rank; larger per-rank batches are
@@ -59,6 +64,10 @@ the ``schedule`` section has a default::
       device: auto              # auto (cuda if available) | cpu | cuda
       eval_batch: null          # per-rank batch of evaluation (default max_per_rank_batch)
       average_bn_stats: true    # average BN running statistics over ranks before eval/checkpoint
+      max_skipped_steps: 20     # stop (exit 3) after this many consecutive updates skipped for
+                                # non-finite gradients (0: never stop; see trainer.py)
+      stall_timeout_s: 300      # seconds without progress (an iteration, a collective, a
+                                # checkpoint) before a rank ends the job (exit 4; 0: off)
     output:
       dir: runs/default         # metrics.csv, events (TensorBoard), checkpoint.pt, plots
       tensorboard: true
@@ -89,6 +98,7 @@ OPTIMIZERS = ("sgd", "lars")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 CUDA_GRAPHS = ("none", "optimizer")
+DENOMINATORS = ("separate", "combined")
 DEFAULT_DIGITS_PATH = "data/digits"
 SYNTHETIC_CLASSES = 1000
 SYNTHETIC_VAL_SAMPLES = 50_000
@@ -132,6 +142,8 @@ class OptimizerConfig:
     eps: float = 0.0
     exclude_bn_and_bias: bool = True
     shard_optimizer_state: bool = False
+    momentum_correction: bool = True
+    denominator: str = "separate"
 
 
 @dataclass(frozen=True)
@@ -148,6 +160,8 @@ class TrainConfig:
     device: str = "auto"
     eval_batch: int | None = None
     average_bn_stats: bool = True
+    max_skipped_steps: int = 20
+    stall_timeout_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -175,6 +189,7 @@ MOVED_KEYS = {
 CHOICES = {
     "data.source": DATA_SOURCES, "data.stats": STATS, "optimizer.name": OPTIMIZERS,
     "train.precision": PRECISIONS, "train.device": DEVICES, "train.cuda_graph": CUDA_GRAPHS,
+    "optimizer.denominator": DENOMINATORS,
 }
 
 
@@ -201,6 +216,18 @@ class Config:
         return dataclasses.replace(self, **sections)
 
 
+def flatten(mapping: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and non-dict values are leaves."""
+    out = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted))
+        else:
+            out[dotted] = value
+    return out
+
+
 # -- loading --------------------------------------------------------------------------------
 
 def load_config(path: str, overrides: typing.Sequence[str] = ()) -> Config:
@@ -210,6 +237,9 @@ def load_config(path: str, overrides: typing.Sequence[str] = ()) -> Config:
             mapping = yaml.safe_load(f)
     except OSError as e:
         raise ConfigError("config", f"cannot read {path} ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError("config", f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} "
+                          f"at offset {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError("config", f"{path} is not valid YAML: {e}") from e
     if mapping is None:
@@ -253,6 +283,7 @@ def parse_config(mapping: Mapping) -> Config:
     """Validate a config mapping (the parsed YAML) and return a ``Config``."""
     if not isinstance(mapping, Mapping):
         raise ConfigError("config", f"must be a mapping of sections, got {type(mapping).__name__}")
+    _check_stray_colons(mapping, "")
     known = (*SECTIONS, "schedule")
     for key in mapping:
         if key not in known:
@@ -271,6 +302,26 @@ def parse_config(mapping: Mapping) -> Config:
     # config leaves it to the data; the real size is checked again in build_schedule
     build_schedule(cfg, None)
     return cfg
+
+
+def _check_stray_colons(node: Any, path: str) -> None:
+    """ConfigError naming a key such as ``type:constant`` with no value: YAML's reading of
+    ``{type:constant}`` (no space after the colon), which would otherwise surface as a missing
+    ``type``."""
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            _check_stray_colons(item, f"{path}[{i}]")
+        return
+    if not isinstance(node, Mapping):
+        return
+    for key, value in node.items():
+        dotted = f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and ":" in key and value is None:
+            name, _, rest = key.partition(":")
+            raise ConfigError(dotted, f"stray key {key!r}: YAML reads '{key}' without a space "
+                              f"after the colon as one key with no value; write "
+                              f"'{name}: {rest}'")
+        _check_stray_colons(value, dotted)
 
 
 def build_schedule(cfg: Config, dataset_size: int | None):
@@ -391,6 +442,8 @@ def _check_values(cfg: Config) -> None:
     _at_least("train.log_every", t.log_every, 1)
     if t.eval_batch is not None:
         _at_least("train.eval_batch", t.eval_batch, 1)
+    _at_least("train.max_skipped_steps", t.max_skipped_steps, 0)
+    _at_least("train.stall_timeout_s", t.stall_timeout_s, 0.0)
     if t.cuda_graph != "none" and o.shard_optimizer_state:
         raise ConfigError("train.cuda_graph", "needs optimizer.shard_optimizer_state: false (the "
                           "sharded step has collectives inside, which a graph cannot hold)")

@@ -66,8 +66,9 @@ def run_demo(*, out: str, data: str, np: int, seeds: list[int], schedules: list[
             run_dir = os.path.join(out, folder if len(seeds) == 1 else f"{folder}_seed{seed}")
             sets = [*overrides, f"data.path={data}", f"train.seed={seed}",
                     f"output.dir={run_dir}", "output.progress=false"]
+            # each demo run starts over in its own folder (a rerun replaces the last one's)
             cmd = [*launch_command(np), sys.executable, "-m", "hvd_largebatch.cli", "train",
-                   config, *[x for s in sets for x in ("--set", s)]]
+                   config, *[x for s in sets for x in ("--set", s)], "--overwrite"]
             print(f"\n== {label}, seed {seed}:\n   {' '.join(_quote(c) for c in cmd)}", flush=True)
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, env={**os.environ, **ROOT_ENV,

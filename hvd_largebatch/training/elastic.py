@@ -33,9 +33,12 @@ import horovod.torch as hvd
 from horovod.common.elastic import ObjectState
 
 from hvd_largebatch.errors import ConfigError
+from hvd_largebatch.training.agreement import check_agreement, describe_config
 from hvd_largebatch.training.config import Config
+from hvd_largebatch.training.process import horovod_stall_settings, set_torch_threads
 from hvd_largebatch.training.setup import agreed_run
 from hvd_largebatch.training.trainer import Trainer
+from hvd_largebatch.training.watchdog import Watchdog
 
 #: variables set by MPI launchers (an elastic job is never started by one)
 _MPI_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK")
@@ -57,46 +60,65 @@ def check_elastic(cfg: Config, environ=os.environ) -> None:
                           "--host-discovery-script .. (jobs/launch/horovodrun_elastic.sh)")
 
 
-def train_elastic(cfg: Config, *, resume: str | None = None, synthetic: bool = False) -> dict:
+def train_elastic(cfg: Config, *, resume: str | None = None, synthetic: bool = False,
+                  overwrite: bool = False) -> dict:
     """Train ``cfg`` under ``hvd.elastic.run``; returns the summary (as ``trainer.train``).
-    ``resume`` applies to the first start only; later restarts continue from the commit."""
+    ``resume`` and ``overwrite`` apply to the first start only; later restarts continue from the
+    commit. Every collective check (config agreement, setup) runs inside ``hvd.elastic.run``,
+    where workers that join later take part in it too."""
     check_elastic(cfg)
+    horovod_stall_settings(cfg.train.stall_timeout_s)
     hvd.init()
-    state = TrainerState(cfg, resume=resume, synthetic=synthetic)
+    set_torch_threads(hvd.local_size(), log=hvd.rank() == 0)
+    watchdog = Watchdog(cfg.train.stall_timeout_s, hvd.rank()).start()
+    state = TrainerState(cfg, resume=resume, synthetic=synthetic, overwrite=overwrite,
+                         watchdog=watchdog)
     state.register_reset_callbacks([state.release])
 
     @hvd.elastic.run
     def fit(state: TrainerState) -> dict:
         return state.build().fit()
 
-    return fit(state)
+    try:
+        return fit(state)
+    finally:
+        watchdog.stop()
 
 
 class TrainerState(ObjectState):
     """The committed state of an elastic run and the trainer built from it (see module doc)."""
 
-    def __init__(self, cfg: Config, *, resume: str | None, synthetic: bool):
+    def __init__(self, cfg: Config, *, resume: str | None, synthetic: bool, overwrite: bool,
+                 watchdog: Watchdog):
         super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank)
         self.cfg, self.resume, self.synthetic = cfg, resume, synthetic
+        self.overwrite, self.watchdog = overwrite, watchdog
         self.committed = None  # Trainer.state_dict() at the last commit; None before the first
         self.trainer = None
 
     def build(self):
         """A trainer for the current world from the committed state (collective)."""
         self.release()
-        resume = self.resume if self.committed is None else None
-        run = agreed_run(self.cfg, hvd, resume=resume, synthetic=self.synthetic)
+        self.watchdog.rank = hvd.rank()
+        self.watchdog.mark("elastic setup: comparing the ranks' configs")
+        check_agreement(hvd, describe_config(self.cfg.to_dict()), "config")
+        first = self.committed is None
+        self.watchdog.mark("elastic setup: indexing the data, building the model")
+        # after the first start the folder is this run's own: its checkpoint is not refused
+        run = agreed_run(self.cfg, hvd, resume=self.resume if first else None,
+                         synthetic=self.synthetic, overwrite=self.overwrite or not first)
         if self.committed is not None:
             state = copy.deepcopy(self.committed)  # loading aliases tensors that steps update
             run.model.load_state_dict(state["model"])
             run.sampler.load_state_dict(state["sampler"])  # same position, this world's split
             run = dataclasses.replace(run, checkpoint=state, checkpoint_path=COMMITTED)
-        self.trainer = Trainer(run, hvd)
+        self.trainer = Trainer(run, hvd, self.watchdog)
         self.trainer.on_save = self.commit
         return self.trainer
 
     def release(self) -> None:
         """Reset callback: drop the trainer built for the previous world."""
+        self.watchdog.pause()  # Horovod elastic may wait for hosts for a long time
         if self.trainer is not None:
             self.trainer.release()
             self.trainer = None

@@ -15,7 +15,8 @@ Every row of ``metrics.csv`` is one of two kinds:
 ``epoch`` is update ``updates``, counted from 1), ``samples`` the training samples consumed,
 ``wall_time`` seconds of training (summed over resumed segments). ``noise_scale`` is Smith et
 al.'s ``g = lr / (1 - m) * (N / B - 1)``; ``grad_noise_scale`` and ``trust_ratio_*`` are filled
-when the optimizer reports them (empty otherwise).
+when the optimizer reports them (empty otherwise). ``skipped_steps`` (train rows) counts the
+updates skipped so far for non-finite gradients (cumulative over the run, resumes included).
 
 On resume, rows of updates after the checkpoint (written by the interrupted run) are dropped, and
 TensorBoard is told to purge the same steps, so the record reads as one uninterrupted run.
@@ -31,6 +32,7 @@ COLUMNS = (
     "kind", "epoch", "step", "epoch_float", "updates", "samples", "lr", "momentum",
     "global_batch", "micro_batches", "noise_scale", "grad_noise_scale", "trust_ratio_min",
     "trust_ratio_mean", "trust_ratio_max", "loss", "top1", "top5", "images_per_s", "wall_time",
+    "skipped_steps",
 )
 #: TensorBoard tag of each numeric column (x axis: ``updates``).
 TB_TAGS = {
@@ -40,6 +42,7 @@ TB_TAGS = {
     "trust_ratio_mean": "lars/trust_ratio_mean", "trust_ratio_max": "lars/trust_ratio_max",
     "loss": "{kind}/loss", "top1": "{kind}/top1", "top5": "{kind}/top5",
     "images_per_s": "train/images_per_s", "epoch_float": "train/epoch", "wall_time": "train/wall_time",
+    "skipped_steps": "train/skipped_steps",
 }
 CSV_NAME = "metrics.csv"
 
@@ -117,7 +120,8 @@ def _format(value) -> str:
 
 class ProgressBar:
     """A tqdm bar over the iterations of one epoch (stderr, rank 0), showing the global
-    images/s, the loss, the lr and the global batch; a no-op when disabled."""
+    images/s, the loss, the lr, the global batch and the skipped updates (once there are any);
+    a no-op when disabled."""
 
     def __init__(self, enabled: bool, epoch: int, total: int, initial: int):
         self._bar = None
@@ -127,10 +131,13 @@ class ProgressBar:
             self._bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch}", unit="it",
                              file=sys.stderr, dynamic_ncols=True, leave=True)
 
-    def update(self, steps: int, *, images_per_s: float, loss: float, lr: float, batch: int) -> None:
+    def update(self, steps: int, *, images_per_s: float, loss: float, lr: float, batch: int,
+               skipped: int = 0) -> None:
+        """Advance by ``steps`` iterations; ``skipped``: updates skipped so far (shown when > 0)."""
         if self._bar is not None:
+            extra = {"skipped": skipped} if skipped else {}
             self._bar.set_postfix(img_s=f"{images_per_s:.0f}", loss=f"{loss:.4f}", lr=f"{lr:.4g}",
-                                  batch=batch, refresh=False)
+                                  batch=batch, **extra, refresh=False)
             self._bar.update(steps)
 
     def close(self) -> None:

@@ -19,7 +19,12 @@ The line, run on every rank by :func:`agreed_run` (the only collective here):
 Bad input must end every rank with one clear message, never leave some ranks waiting in a
 collective. ``setup_run`` therefore takes no collective: it builds the schedule, indexes the
 data, builds the model and reads the checkpoint on each rank, and :func:`agree` (one allgather
-of error strings) turns a failure on any rank into the same ``SetupError`` on all of them.
+of error strings) turns a failure on any rank into the same ``SetupError`` on all of them. Then
+:func:`agreed_run` checks that the ranks indexed the same data and resume from the same point
+(:func:`describe_run`, round 2 of ``training/agreement.py``; the config itself was compared in
+round 1, before any of this). On rank 0, the writer, ``setup_run`` also checks that
+``output.dir`` can be written and holds no checkpoint that a fresh start would replace (unless
+``overwrite``), and when resuming lists the config keys that differ from the checkpoint's.
 
 Data layouts per ``data.source``:
 
@@ -82,7 +87,9 @@ from hvd_largebatch.errors import ConfigError, DataError, DistributedMismatchErr
 from hvd_largebatch.lars import DynamicLossScale, FusedLARS, param_groups
 from hvd_largebatch.models import build_model
 from hvd_largebatch.schedules import Schedule, accumulation_steps
-from hvd_largebatch.training.checkpoint import check_model_matches, load_checkpoint, resolve_resume
+from hvd_largebatch.training.agreement import check_agreement, describe_data
+from hvd_largebatch.training.checkpoint import (check_model_matches, check_output_dir,
+                                                load_checkpoint, resolve_resume, resume_changes)
 from hvd_largebatch.training.config import (DEFAULT_DIGITS_PATH, SYNTHETIC_CLASSES,
                                             SYNTHETIC_VAL_SAMPLES, Config, DataConfig,
                                             build_schedule, stated_dataset_size)
@@ -148,6 +155,7 @@ class Run:
     checkpoint_path: str | None
     world_size: int
     rank: int
+    resume_changes: tuple[str, ...] = ()  # config keys that differ from the checkpoint's
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -176,12 +184,14 @@ def micro_batch_plan(schedule: Schedule, world_size: int, max_per_rank_batch: in
 
 
 def setup_run(cfg: Config, *, resume: str | None, synthetic: bool, world_size: int, rank: int,
-              local_rank: int) -> Run:
-    """Build and check the run on this rank (no collective; see the module docstring)."""
+              local_rank: int, local_size: int = 1, overwrite: bool = False) -> Run:
+    """Build and check the run on this rank (no collective; see the module docstring).
+    ``overwrite``: a fresh start may replace a checkpoint in ``output.dir`` (checked on rank 0,
+    the rank that writes, with the folder's writability)."""
     if synthetic:
         cfg, schedule, data = _rehearsal(cfg, world_size)
     else:
-        data = index_data(cfg, stated_dataset_size(cfg))
+        data = index_data(cfg, stated_dataset_size(cfg), check_share=(local_rank, local_size))
         schedule = build_schedule(cfg, data.num_train)
     device = resolve_device(cfg.train.device, local_rank)
     if cfg.train.cuda_graph != "none" and device.type != "cuda":
@@ -193,16 +203,20 @@ def setup_run(cfg: Config, *, resume: str | None, synthetic: bool, world_size: i
     sampler = GlobalSampler(schedule.dataset_size, schedule, world_size, rank,
                             seed=cfg.train.seed, drop_last=schedule.drop_last)
     path = resolve_resume(resume, cfg.output.dir)
-    state = None
+    if rank == 0:
+        check_output_dir(cfg.output.dir, resuming=path is not None, overwrite=overwrite)
+    state, changes = None, []
     if path is not None:
         state = load_checkpoint(path)
         check_model_matches(state, path, cfg.model.name, cfg.model.options, data.num_classes)
+        changes = resume_changes(state["config"], cfg.to_dict(), path)
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as e:
             raise DataError(f"{path}: the model state does not fit {cfg.model.name}: {e}") from e
         sampler.load_state_dict(state["sampler"])  # ConfigError if the schedule changed
-    return Run(cfg, schedule, data, model, sampler, device, micro, state, path, world_size, rank)
+    return Run(cfg, schedule, data, model, sampler, device, micro, state, path, world_size, rank,
+               tuple(changes))
 
 
 def _rehearsal(cfg: Config, world_size: int) -> tuple[Config, Schedule, DataSets]:
@@ -221,14 +235,33 @@ def _rehearsal(cfg: Config, world_size: int) -> tuple[Config, Schedule, DataSets
     return cfg, schedule, index_data(cfg, schedule.dataset_size)
 
 
-def agreed_run(cfg: Config, hvd, *, resume: str | None, synthetic: bool) -> Run:
-    """The checked run on this rank, agreed by all ranks (collective, after ``hvd.init()``;
-    ``SetupError`` on every rank when any fails)."""
+def agreed_run(cfg: Config, hvd, *, resume: str | None, synthetic: bool,
+               overwrite: bool = False) -> Run:
+    """The checked run on this rank, agreed by all ranks (collective, after ``hvd.init()``):
+    ``SetupError`` on every rank when any fails; ``DistributedMismatchError`` on every rank when
+    their data sets or resume points differ (``training/agreement.py``)."""
     if cfg.data.source == "digits" and not synthetic:
         agree(hvd, lambda: prepare_digits(cfg.data) if hvd.rank() == 0 else None, "writing digits")
-    return agree(hvd, lambda: setup_run(cfg, resume=resume, synthetic=synthetic,
-                                        world_size=hvd.size(), rank=hvd.rank(),
-                                        local_rank=hvd.local_rank()))
+    run = agree(hvd, lambda: setup_run(cfg, resume=resume, synthetic=synthetic,
+                                       world_size=hvd.size(), rank=hvd.rank(),
+                                       local_rank=hvd.local_rank(), local_size=hvd.local_size(),
+                                       overwrite=overwrite))
+    check_agreement(hvd, describe_run(run), "data and resume point")
+    return run
+
+
+def describe_run(run: Run) -> dict:
+    """What ranks must agree on once the data is indexed and the checkpoint read (round 2 of
+    ``training/agreement.py``): each data set and the point the run starts from."""
+    d = run.data
+    out = {}
+    for name, index, size in (("training", d.train, d.num_train), ("validation", d.val, d.num_val)):
+        out.update(describe_data(name, size, index.fingerprint() if index is not None else None,
+                                 d.num_classes))
+    state = run.checkpoint or {}
+    out["resume point (epoch, iteration, updates)"] = [state.get("epoch", 0), state.get("step", 0),
+                                                       state.get("updates", 0)]
+    return out
 
 
 # -- 1. data index (and the digits set, written on first use) -------------------------------
@@ -258,11 +291,13 @@ def prepare_digits(d: DataConfig) -> None:
         write_digits_folder(data_root(d))
 
 
-def index_data(cfg: Config, schedule_dataset_size: int | None) -> DataSets:
+def index_data(cfg: Config, schedule_dataset_size: int | None,
+               check_share: tuple[int, int] = (0, 1)) -> DataSets:
     """Index the training and validation sets; DataError naming the missing folder or file.
 
     ``schedule_dataset_size`` is the size synthetic data takes when ``data.num_samples`` is
-    not set."""
+    not set. ``check_share``: (local rank, ranks on this node): the share of a file list's files
+    this rank checks for existence (see ``FileIndex.from_file_list``)."""
     d = cfg.data
     if d.source == "synthetic":
         n = d.num_samples or schedule_dataset_size
@@ -275,8 +310,12 @@ def index_data(cfg: Config, schedule_dataset_size: int | None) -> DataSets:
     if not os.path.isdir(root):
         raise DataError(f"{root}: data.path does not exist or is not a folder")
     if d.source == "filelist":
-        train = FileIndex.from_file_list(os.path.join(root, d.train_list), root=root)
-        val = FileIndex.from_file_list(os.path.join(root, d.val_list), root=root)
+        # with skip_bad_files a missing file is skipped (and counted) when it is read instead
+        check = not d.skip_bad_files
+        train = FileIndex.from_file_list(os.path.join(root, d.train_list), root=root,
+                                         check_files=check, check_share=check_share)
+        val = FileIndex.from_file_list(os.path.join(root, d.val_list), root=root,
+                                       check_files=check, check_share=check_share)
     else:
         train = FileIndex.from_folder(os.path.join(root, "train"))
         val = FileIndex.from_folder(os.path.join(root, "val"))
@@ -346,7 +385,8 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, schedule, point, micro_
     loss_scale = DynamicLossScale(device) if cfg.train.precision == "fp16" else None
     opt = FusedLARS(param_groups(model, o.weight_decay, o.exclude_bn_and_bias), **held,
                     weight_decay=o.weight_decay, trust_coefficient=o.trust_coefficient, eps=o.eps,
-                    nesterov=nesterov, lars=o.name == "lars", loss_scale=loss_scale)
+                    nesterov=nesterov, momentum_correction=o.momentum_correction,
+                    denominator=o.denominator, lars=o.name == "lars", loss_scale=loss_scale)
     wrapped = DistributedOptimizer(opt, named_parameters=model.named_parameters(),
                                    backward_passes_per_step=micro_batches, op=hvd.Sum,
                                    shard_optimizer_state=o.shard_optimizer_state,

@@ -33,6 +33,20 @@ every iteration fills in place (no host synchronization). ``train.channels_last`
 and its inputs in NHWC; ``train.compile`` runs the forward (and backward) through
 ``torch.compile`` (the checkpoint holds the plain module's state); ``train.cuda_graph: optimizer``
 replays the optimizer step from a CUDA graph (``training/cuda_graph.py``).
+
+Divergence. FusedLARS skips an update whose gradient (or weight) sums are non-finite on any rank
+(``on_nonfinite="skip"``: no weight or momentum changes; the decision is taken from the allreduced
+sums, so it is the same on every rank). The trainer counts skipped updates on the device (no
+host synchronization per iteration) and reads the counts at the next ``train.log_every``
+boundary, where it synchronizes anyway: ``skipped_steps`` (cumulative) is a column of
+``metrics.csv`` and of the progress bar. When ``train.max_skipped_steps`` consecutive updates
+were skipped (checked at those boundaries, so the stop comes at most ``log_every - 1`` updates
+later), or when the weights or BN statistics hold a non-finite value at a checkpoint, the run
+stops on every rank with :class:`Diverged`: no checkpoint is written (the last good one stays),
+``summary.json`` says ``"status": "diverged"`` and why, and the command exits with status 3.
+
+Progress is reported to a :class:`~hvd_largebatch.training.watchdog.Watchdog` before every phase
+that waits on other ranks or on storage; ``train.stall_timeout_s`` without progress ends the job.
 """
 from __future__ import annotations
 
@@ -42,42 +56,90 @@ import os
 import signal
 import sys
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 import yaml
 
 from hvd_largebatch.schedules import noise_scale
+from hvd_largebatch.errors import ConfigError
+from hvd_largebatch.training.agreement import check_agreement, describe_config
 from hvd_largebatch.training.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from hvd_largebatch.training.config import Config
 from hvd_largebatch.training.cuda_graph import CapturedStep
 from hvd_largebatch.training.metrics import MetricsLogger, ProgressBar
-from hvd_largebatch.training.setup import (Run, agreed_run, build_optimizer, memory_format,
+from hvd_largebatch.training.process import horovod_stall_settings, set_torch_threads
+from hvd_largebatch.training.setup import (Run, agree, agreed_run, build_optimizer, memory_format,
                                            train_loader, val_loader)
+from hvd_largebatch.training.watchdog import Watchdog
 
 SUMMARY_NAME = "summary.json"
 _PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _INPUT_DTYPE = "float32"
 
 
-def train(cfg: Config, *, resume: str | None = None, synthetic: bool = False) -> dict:
+class Diverged(RuntimeError):
+    """Training stopped because it diverged (see the module docstring); raised on every rank."""
+
+
+def train(cfg: Config | Callable[[], Config], *, resume: str | None = None,
+          synthetic: bool = False, overwrite: bool = False) -> dict:
     """Run ``cfg`` on the ranks of this Horovod job (a single process works too).
 
+    ``cfg``: a Config, or a function that reads one; a ``ConfigError`` it raises on some ranks
+    only is then reported on all of them, naming the ranks. ``overwrite``: a fresh start may
+    replace the checkpoint and metrics of ``output.dir``.
+
     Returns the run's summary (also written to ``<output.dir>/summary.json`` by rank 0).
-    Raises ``SetupError`` on every rank, before the first step, when the config, the data, the
-    world size or the checkpoint is unusable on any rank.
+    Raises, on every rank and before the first step, ``SetupError`` when the config, the data,
+    the world size or the checkpoint is unusable on any rank, ``DistributedMismatchError`` when
+    ranks run different configs, data or package versions (``training/agreement.py``); during
+    training, :class:`Diverged`.
     """
     import horovod.torch as hvd
 
+    cfg, read = read_config(cfg)
+    if cfg is not None:
+        horovod_stall_settings(cfg.train.stall_timeout_s)
     hvd.init()
-    return Trainer(agreed_run(cfg, hvd, resume=resume, synthetic=synthetic), hvd).fit()
+    set_torch_threads(hvd.local_size(), log=hvd.rank() == 0)
+    cfg = agree(hvd, read, "reading the config")
+    watchdog = Watchdog(cfg.train.stall_timeout_s, hvd.rank()).start()
+    try:
+        watchdog.mark("setup: comparing the ranks' configs")
+        check_agreement(hvd, describe_config(cfg.to_dict()), "config")
+        watchdog.mark("setup: indexing the data, building the model, reading the checkpoint")
+        run = agreed_run(cfg, hvd, resume=resume, synthetic=synthetic, overwrite=overwrite)
+        return Trainer(run, hvd, watchdog).fit()
+    finally:
+        watchdog.stop()
+
+
+def read_config(cfg: Config | Callable[[], Config]) -> tuple[Config | None, Callable[[], Config]]:
+    """Read ``cfg`` now (before ``hvd.init``, so that its settings can shape Horovod's); returns
+    the config (None on a ConfigError) and a function that gives it or raises that error again
+    (for :func:`~hvd_largebatch.training.setup.agree`, after ``hvd.init``)."""
+    if not callable(cfg):
+        return cfg, lambda: cfg
+    try:
+        loaded = cfg()
+    except ConfigError as e:
+        error = e
+
+        def fail():
+            raise error
+        return None, fail
+    return loaded, lambda: loaded
 
 
 class Trainer:
     """Holds the model, optimizer, sampler, loaders and counters of one run (see module doc)."""
 
-    def __init__(self, run: Run, hvd):
+    def __init__(self, run: Run, hvd, watchdog: Watchdog | None = None):
         self.run, self.hvd, self.cfg = run, hvd, run.cfg
+        # progress marks; a disabled watchdog when the caller has none
+        self.watch = watchdog if watchdog is not None else Watchdog(0, run.rank)
         self.schedule = run.schedule
         self.device = run.device
         self.is_root = run.rank == 0
@@ -87,6 +149,7 @@ class Trainer:
             point = self.schedule.at(first["epoch"], first["step"])  # the first iteration to run
         else:  # a finished run: nothing left to do
             point = self.schedule.at(self.schedule.num_epochs - 1, 0)
+        self.watch.mark("setup: building the optimizer (its rank agreement)")
         self.optimizer = build_optimizer(
             self.cfg, self.model, self.schedule, point, run.micro_batches[point.phase], hvd,
             self.device)
@@ -101,13 +164,16 @@ class Trainer:
             self.capture_optimizer_step()
         self.sampler = run.sampler
         self.autocast = _PRECISION_DTYPES.get(self.cfg.train.precision)
+        self.watch.mark("setup: building the validation loader")
         self.val = val_loader(self.cfg, run.data, run.world_size, run.rank, device=self.device,
                               dtype=_INPUT_DTYPE)
         self.epoch, self.step, self.updates, self.samples, self.wall_time = 0, 0, 0, 0, 0.0
+        self.skipped_steps = 0  # updates skipped for non-finite gradients (whole run)
         if run.checkpoint is not None:
             self._restore(run.checkpoint)
         else:
             # same seed everywhere, but make sure; a fresh optimizer has no state to send
+            self.watch.mark("setup: broadcasting the initial weights from rank 0")
             hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
         self._loader, self._loader_k, self._batches = None, None, None
         self._requested = False  # set by SIGUSR1
@@ -119,6 +185,11 @@ class Trainer:
         self._last_count = 0  # samples of this rank in the last iteration
         self._last_point = point
         self._last_k = run.micro_batches[point.phase]
+        # skipped updates on the device: in this window, current run of consecutive skips, the
+        # longest run in this window (read at the window flush)
+        self._skips = torch.zeros(3, dtype=torch.int64, device=self.device)
+        self.max_skip_run = 0  # longest run of consecutive skips seen so far
+        self.last_saved = run.checkpoint.get("updates") if run.checkpoint else None
         self.logger = None
         self.on_save = None  # called by every rank after every checkpoint (e.g. a commit)
         if self.is_root:
@@ -126,6 +197,9 @@ class Trainer:
             if run.checkpoint is not None:
                 print(f"resuming from {run.checkpoint_path}: epoch {self.epoch}, iteration "
                       f"{self.step}, {self.updates} updates done", file=sys.stderr, flush=True)
+            for change in run.resume_changes:
+                print(f"hvd-largebatch train: warning: resuming with {change}", file=sys.stderr,
+                      flush=True)
 
     # -- outputs ----------------------------------------------------------------------------
     def _prepare_output(self) -> None:
@@ -152,7 +226,8 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.gathered_state_dict(),
             "epoch": self.epoch, "step": self.step, "updates": self.updates,
             "samples": self.samples, "wall_time": self.wall_time,
-            "sampler": self.sampler.state_dict(), "rng": rngs, "world_size": self.run.world_size,
+            "skipped_steps": self.skipped_steps, "sampler": self.sampler.state_dict(),
+            "rng": rngs, "world_size": self.run.world_size,
             "config": self.cfg.to_dict(), "schedule": self.schedule.to_config(),
             "loss_scale": None if self.loss_scale is None else self.loss_scale.state_dict(),
         }
@@ -166,6 +241,7 @@ class Trainer:
         self.epoch, self.step = state["epoch"], state["step"]
         self.updates, self.samples = state["updates"], state["samples"]
         self.wall_time = state["wall_time"]
+        self.skipped_steps = state.get("skipped_steps", 0)  # absent from older checkpoints
         rngs = state["rng"]
         if len(rngs) == self.run.world_size:
             torch.set_rng_state(rngs[self.run.rank]["cpu"])
@@ -175,13 +251,39 @@ class Trainer:
             torch.manual_seed(hash((self.cfg.train.seed, self.updates, self.run.rank)) % 2**63)
 
     def save(self) -> None:
-        """Write ``checkpoint.pt`` (all ranks call this; rank 0 writes)."""
+        """Write ``checkpoint.pt`` (all ranks call this; rank 0 writes). ``Diverged`` instead,
+        on every rank, when the weights or BN statistics hold a non-finite value on any rank:
+        the previous checkpoint is kept."""
         self._average_bn_stats()
+        self.watch.mark(f"checking the model state for non-finite values at update {self.updates}")
+        bad = self._nonfinite_state()
+        if bad:
+            raise Diverged(f"non-finite values in {bad} at update {self.updates} (epoch "
+                           f"{self.epoch}, iteration {self.step}); not checkpointed{self._kept()}")
+        self.watch.mark(f"checkpoint of update {self.updates} (gather and write)")
         state = self.state_dict()
         if self.is_root:
             save_checkpoint(state, os.path.join(self.cfg.output.dir, CHECKPOINT_NAME))
+        self.last_saved = self.updates
         if self.on_save is not None:
             self.on_save()
+
+    def _nonfinite_state(self) -> str:
+        """Collective: "" when every rank's weights and floating-point buffers (BN statistics)
+        are finite, else the first offending tensor of the lowest such rank ("name (rank r)")."""
+        tensors = [(n, t) for n, t in self.model.state_dict().items() if t.is_floating_point()]
+        finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]).cpu()
+        local = "" if bool(finite.all()) else \
+            f"{tensors[int((~finite).nonzero()[0])][0]} (rank {self.run.rank})"
+        if self.run.world_size == 1:
+            return local
+        return next((b for b in self.hvd.allgather_object(local, name="state.finite") if b), "")
+
+    def _kept(self) -> str:
+        if self.last_saved is None:
+            return "; this run has no earlier checkpoint"
+        return (f"; the last good checkpoint, {os.path.join(self.cfg.output.dir, CHECKPOINT_NAME)}"
+                f" (update {self.last_saved}), is kept")
 
     def release(self) -> None:
         """Close the loader and the metrics file (this trainer will not be used again)."""
@@ -199,9 +301,21 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict:
+        """Train to the end of the schedule; returns the summary. ``Diverged`` on every rank
+        when training diverges (``summary.json`` then says so)."""
         self._install_signal_handler()
+        self._last_eval = None
+        try:
+            self._fit()
+        except Diverged as e:
+            self._finish(self._last_eval, status="diverged", error=str(e))
+            raise
+        finally:
+            self.watch.pause()
+        return self._finish(self._last_eval)
+
+    def _fit(self) -> None:
         start = time.perf_counter() - self.wall_time
-        last_eval = None
         epochs = self.schedule.num_epochs
         while self.epoch < epochs:
             epoch = self.epoch
@@ -219,16 +333,17 @@ class Trainer:
             every = self.cfg.train.eval_every
             if epoch == epochs - 1 or (every and (epoch + 1) % every == 0):
                 self._average_bn_stats()
-                last_eval = self.evaluate()
+                self._last_eval = self.evaluate()
                 self.wall_time = time.perf_counter() - start
-                self._log_eval(epoch, last_eval)
+                self._log_eval(epoch, self._last_eval)
             self.epoch, self.step = epoch + 1, 0
             self.save()
-        return self._finish(last_eval)
 
     def _iteration(self, epoch: int, bar: ProgressBar) -> None:
         point = self.schedule.at(epoch, self.step)
         k = self.run.micro_batches[point.phase]
+        where = f"epoch {epoch}, iteration {self.step} (update {self.updates + 1})"
+        self.watch.mark(f"reading the data of {where}")
         batches = self._micro_batches(epoch, k)
         opt = self.optimizer
         if (point.lr, point.momentum) != self._filled:
@@ -243,12 +358,16 @@ class Trainer:
         scale = 1.0 / point.global_batch
         self._last_count = 0
         for _ in range(k):
+            self.watch.mark(f"reading the data of {where}")
             images, labels = next(batches)
+            self.watch.mark(f"forward/backward and gradient allreduce of {where}")
             self._micro_step(images, labels, scale)
+        self.watch.mark(f"gradient allreduce and optimizer step of {where}")
         if self._captured is None:
             opt.step()
         else:
             opt.step_after_exchange(self._captured)
+        self._count_skip(opt.last_step_skipped())
         self.step += 1
         self.updates += 1
         self.samples += point.global_batch
@@ -257,6 +376,14 @@ class Trainer:
         self._last_k = k
         if self._window_steps >= self.cfg.train.log_every:
             self._flush_window(epoch, bar=bar)
+
+    def _count_skip(self, skipped: torch.Tensor) -> None:
+        """Add the last step's skip flag (0-dim bool, on the device) to the device counters."""
+        s = skipped.to(device=self.device, dtype=torch.int64)
+        skips = self._skips
+        skips[0] += s
+        skips[1] = (skips[1] + 1) * s
+        skips[2] = torch.maximum(skips[2], skips[1])
 
     def _micro_step(self, images: torch.Tensor, labels: torch.Tensor, scale: float) -> None:
         n = len(labels)
@@ -279,6 +406,7 @@ class Trainer:
         """The micro-batch iterator of ``epoch`` for ``k`` micro-batches per iteration (a new
         loader when ``k`` changes; it continues at the sampler's position)."""
         if self._loader is None or self._loader_k != k:
+            self.watch.mark(f"building the training loader for {k} micro-batches per update")
             self._close_loader()
             # augmentation seed: differs per loader, identical for identical runs
             seed = hash((self.cfg.train.seed, self.updates)) % 2**31
@@ -314,10 +442,17 @@ class Trainer:
         iterations (a no-op when no iteration ran since the last flush)."""
         if self._window_steps == 0:
             return
+        self.watch.mark(f"metrics allreduce (train.window) after update {self.updates}")
         counts = [self._window_count, self._last_count, float(self._requested)]
-        local = torch.cat([self._window.cpu(), torch.tensor(counts, dtype=torch.float64)])
+        # skip counts are equal on every rank (the skip is decided from allreduced sums); summed
+        # over ranks and divided by the rank count, every rank takes the same decision anyway
+        local = torch.cat([self._window.cpu(), torch.tensor(counts, dtype=torch.float64),
+                           self._skips[[0, 2]].cpu().double()])
         total = self.hvd.allreduce(local, op=self.hvd.Sum, name="train.window")
-        loss_sum, correct, count, last_count, requested = total.tolist()
+        loss_sum, correct, count, last_count, requested, skipped, skip_run = total.tolist()
+        skipped = round(skipped / self.run.world_size)
+        self.skipped_steps += skipped
+        self.max_skip_run = max(self.max_skip_run, round(skip_run / self.run.world_size))
         now = time.perf_counter()
         point = self._last_point
         if self.is_root:
@@ -329,19 +464,28 @@ class Trainer:
                 "noise_scale": _noise_scale(point, self.schedule.dataset_size),
                 "loss": loss_sum / max(count, 1), "top1": 100.0 * correct / max(count, 1),
                 "images_per_s": count / max(now - self._window_start, 1e-9),
-                "wall_time": self.wall_time,
+                "wall_time": self.wall_time, "skipped_steps": self.skipped_steps,
                 **self._optimizer_report(),
             }
             self.logger.log(row)
             bar.update(self._window_steps, images_per_s=row["images_per_s"], loss=row["loss"],
-                       lr=row["lr"], batch=row["global_batch"])
+                       lr=row["lr"], batch=row["global_batch"], skipped=self.skipped_steps)
         self._window.zero_()
+        self._skips[0] = 0
+        self._skips[2] = 0
         self._window_count = 0
         self._window_steps = 0
         self._window_start = now
         if requested:
             self._requested = False
             self._pending_request = True
+        limit = self.cfg.train.max_skipped_steps
+        if limit and self.max_skip_run >= limit:
+            raise Diverged(
+                f"{self.max_skip_run} consecutive updates skipped for non-finite gradients by "
+                f"update {self.updates} (epoch {epoch}, iteration {self.step - 1}; "
+                f"train.max_skipped_steps = {limit}, {self.skipped_steps} skipped in all); "
+                f"not checkpointed{self._kept()}. Lower the lr (schedule.lr) or check the data")
 
     def _optimizer_report(self) -> dict:
         """Trust-ratio summary (LARS) and measured gradient noise scale, when available."""
@@ -393,7 +537,9 @@ class Trainer:
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top-1, top-5, n
         self.val.sampler.seek(0, 0)
         num_classes = self.run.data.num_classes
-        for images, labels in self.val.epoch(0):
+        self.watch.mark(f"evaluation after update {self.updates}")
+        for batch, (images, labels) in enumerate(self.val.epoch(0)):
+            self.watch.mark(f"evaluation after update {self.updates}, batch {batch}")
             if len(labels) == 0:
                 continue
             images = images.contiguous(memory_format=self.memory_format)
@@ -406,6 +552,7 @@ class Trainer:
                                  hits[:, 0].sum(), hits.any(1).sum(),
                                  torch.tensor(len(labels), device=labels.device)]).double()
         self.model.train()
+        self.watch.mark(f"evaluation allreduce (eval.sums) after update {self.updates}")
         sums = self.hvd.allreduce(sums.cpu(), op=self.hvd.Sum, name="eval.sums")
         loss, top1, top5, n = sums.tolist()
         return {"loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
@@ -416,17 +563,24 @@ class Trainer:
         buffers = [buf for name, buf in self.model.named_buffers()
                    if name.endswith(("running_mean", "running_var"))]
         if buffers:
+            self.watch.mark(f"BN statistics allreduce (bn.stats) after update {self.updates}")
             averaged = self.hvd.grouped_allreduce(buffers, op=self.hvd.Average, name="bn.stats")
             for buf, avg in zip(buffers, averaged):
                 buf.copy_(avg)
 
     # -- end --------------------------------------------------------------------------------
-    def _finish(self, last_eval: dict | None) -> dict:
+    def _finish(self, last_eval: dict | None, status: str = "completed",
+                error: str | None = None) -> dict:
+        """The summary (written by rank 0): ``status`` completed or diverged (with ``error``),
+        updates, skipped updates, last checkpointed update, last evaluation."""
         summary = {
-            "model": self.cfg.model.name, "schedule": self.schedule.name,
+            "status": status, "model": self.cfg.model.name, "schedule": self.schedule.name,
             "world_size": self.run.world_size, "epochs": self.schedule.epochs,
             "updates": self.updates, "samples": self.samples,
+            "skipped_steps": self.skipped_steps, "max_consecutive_skipped": self.max_skip_run,
+            "last_checkpoint_updates": self.last_saved,
             "wall_time": self.wall_time, "output_dir": self.cfg.output.dir,
+            **({"error": error} if error else {}),
             **{f"val_{k}": v for k, v in (last_eval or {}).items()},
         }
         if self.is_root:
@@ -434,7 +588,7 @@ class Trainer:
             out = self.cfg.output.dir
             with open(os.path.join(out, SUMMARY_NAME), "w") as f:
                 json.dump(summary, f, indent=1)
-            if self.cfg.output.plots:
+            if self.cfg.output.plots and status == "completed":
                 from hvd_largebatch.training.plots import plot_run
 
                 plot_run(self.logger.path, out, title=self.schedule.name or self.cfg.model.name)

@@ -19,6 +19,8 @@
 #                      a few iterations per phase, outputs in <output.dir>-synthetic)
 #   PYTHON             interpreter with hvd_largebatch and Horovod installed, on every node
 #                      (default python3)
+#   HOROVODRUN, MPIRUN the launchers (default: horovodrun / mpirun from PATH; `hvd-largebatch
+#                      launch` sets them to the ones beside its Python, e.g. the venv's bin)
 #   DRY_RUN            1: print the commands the job would run, run nothing (the check runs)
 #   CHECKED            1: skip the check (`hvd-largebatch launch` has just done it)
 #   PREFLIGHT          0: skip the pre-flight allreduce
@@ -40,6 +42,8 @@ hl_settings() {
     OUTPUT="${OUTPUT:-}"
     TRAIN_SET="${TRAIN_SET:-}"
     PYTHON="${PYTHON:-python3}"
+    HOROVODRUN="${HOROVODRUN:-horovodrun}"
+    MPIRUN="${MPIRUN:-mpirun}"
     SYNTHETIC="${SYNTHETIC:-0}"
     DRY_RUN="${DRY_RUN:-0}"
     CHECKED="${CHECKED:-0}"
@@ -108,6 +112,15 @@ hl_check() {
     done
     "$PYTHON" -m hvd_largebatch.cli launch "$launcher" "$CONFIG" --check "${args[@]}" "$@" \
         || hl_die "the job did not pass its check (see above); nothing was started"
+}
+
+# Die with a clear message unless the launcher command $1 (HOROVODRUN, MPIRUN) can be run here;
+# under DRY_RUN=1 nothing runs, so nothing is needed.
+hl_need() {
+    if [[ "$DRY_RUN" != 1 ]] && ! command -v "$1" > /dev/null; then
+        hl_die "$1 not found on PATH ($PATH): set $2 to its path, or start the job with" \
+            "hvd-largebatch launch, which uses the one beside its Python"
+    fi
 }
 
 # Print a command (shell-quoted, so that it can be pasted), then run it unless DRY_RUN=1.

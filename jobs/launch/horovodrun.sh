@@ -20,6 +20,7 @@ hl_host_args
 read -r -a extra_args <<< "${HOROVODRUN_ARGS:-}"
 
 hl_check horovodrun "${check_args[@]}"
-launch=(horovodrun -np "$NP" "${host_args[@]}" "${extra_args[@]}")
+hl_need "$HOROVODRUN" HOROVODRUN
+launch=("$HOROVODRUN" -np "$NP" "${host_args[@]}" "${extra_args[@]}")
 hl_preflight "${launch[@]}"
 hl_step "${launch[@]}" "${TRAIN_CMD[@]}"

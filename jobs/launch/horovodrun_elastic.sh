@@ -38,7 +38,8 @@ done
 read -r -a extra_args <<< "${HOROVODRUN_ARGS:-}"
 
 hl_check elastic --min-nodes "$MIN_NODES" --max-nodes "$MAX_NODES"
-hl_step horovodrun -np "$NP" \
+hl_need "$HOROVODRUN" HOROVODRUN
+hl_step "$HOROVODRUN" -np "$NP" \
     --min-np "$((MIN_NODES * GPUS_PER_NODE))" --max-np "$((MAX_NODES * GPUS_PER_NODE))" \
     --slots-per-host "$GPUS_PER_NODE" --host-discovery-script "$DISCOVERY_SCRIPT" \
     --elastic-timeout "$ELASTIC_TIMEOUT" "${extra_args[@]}" \

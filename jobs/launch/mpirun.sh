@@ -23,6 +23,7 @@ hl_host_args
 read -r -a extra_args <<< "${MPIRUN_ARGS:-}"
 
 hl_check mpirun "${check_args[@]}"
-launch=(mpirun -np "$NP" "${host_args[@]}" "${MPIRUN_FLAGS[@]}" "${extra_args[@]}")
+hl_need "$MPIRUN" MPIRUN
+launch=("$MPIRUN" -np "$NP" "${host_args[@]}" "${MPIRUN_FLAGS[@]}" "${extra_args[@]}")
 hl_preflight "${launch[@]}"
 hl_step "${launch[@]}" "${TRAIN_CMD[@]}"

@@ -602,6 +602,32 @@ def test_mpijob_manifest_is_a_v2beta1_mpijob_that_runs_the_mpirun_template(capsy
                  ("data.path=/data/imagenet", "output.dir=/workspace/runs/goyal_1h_resnet50"))
 
 
+def test_launch_uses_the_launchers_beside_its_python(capsys, monkeypatch):
+    # the venv's bin is not on PATH: the job must still use the horovodrun of this Python
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    rc, out, err = launch(capsys, "horovodrun", GOYAL, "--data", "/lustre/imagenet",
+                          "--data-remote", "--dry-run", "--hosts",
+                          ",".join(f"n{i}:8" for i in range(32)))
+    assert rc == 0, err
+    lines = out.splitlines()
+    beside = str(Path(sys.executable).parent / "horovodrun")
+    assert f"HOROVODRUN={beside}" in shlex.split(lines[lines.index("# submit with:") + 1])
+    preflight, train = [shlex.split(x) for x in lines[lines.index("# the job runs:") + 1:]]
+    assert preflight[2] == beside and train[0] == beside
+
+
+def test_template_without_its_launcher_says_so_before_the_preflight(tmp_path):
+    # run directly (not through `hvd-largebatch launch`) where horovodrun is not on PATH
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "CHECKED": "1", "NODES": "1",
+           "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(LAUNCH / "horovodrun.sh")], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("horovodrun.sh: error: horovodrun not found on PATH "
+                                  "(/usr/bin:/bin): set HOROVODRUN to its path"), proc.stderr
+    assert "pre-flight" not in proc.stdout + proc.stderr
+
+
 # -- running the configs -------------------------------------------------------------------------
 
 def test_mpirun_template_runs_a_config_end_to_end_on_two_cpu_ranks(tmp_path):
@@ -643,6 +669,10 @@ def test_every_config_rehearses_with_synthetic_data_on_two_ranks(tmp_path):
         run_dir = tmp_path / f"{stem}-synthetic"
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["updates"] == expected.total_updates, stem
+        # the optimizer ran the update rule the config names (lars_32k: Algorithm 1 as written)
+        groups = torch.load(run_dir / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+        assert {g["momentum_correction"] for g in groups} == {cfg.optimizer.momentum_correction}
+        assert {g["denominator"] for g in groups} == {cfg.optimizer.denominator}
         with open(run_dir / "metrics.csv") as f:
             rows = [r for r in csv.DictReader(f) if r["kind"] == "train"]
         assert len(rows) == expected.total_updates, stem

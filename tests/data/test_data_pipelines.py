@@ -103,11 +103,17 @@ def test_folder_index_sorted_classes_and_labels(tmp_path):
 
 def test_file_list_index(tmp_path):
     (tmp_path / "list.txt").write_text("# comment\nimgs/a b.jpg 3\n\nimgs/c.jpg 0\n")
+    with pytest.raises(DataError, match=r"list\.txt:2: .*imgs/a b\.jpg: listed file not found"):
+        FileIndex.from_file_list(str(tmp_path / "list.txt"))
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a b.jpg").write_bytes(b"x")
+    (tmp_path / "imgs" / "c.jpg").write_bytes(b"x")
     index = FileIndex.from_file_list(str(tmp_path / "list.txt"))
     assert index.rel_path(0) == "imgs/a b.jpg" and index.labels.tolist() == [3, 0]
     assert index.path(1) == os.path.join(str(tmp_path), "imgs/c.jpg")
     assert index.num_classes == 4
-    other = FileIndex.from_file_list(str(tmp_path / "list.txt"), root="/data", num_classes=5)
+    other = FileIndex.from_file_list(str(tmp_path / "list.txt"), root="/data", num_classes=5,
+                                     check_files=False)
     assert other.path(1) == "/data/imgs/c.jpg" and other.num_classes == 5
 
 
@@ -126,11 +132,42 @@ def test_index_errors_name_the_problem(tmp_path):
     (tmp_path / "range.txt").write_text("a.jpg 1\nb.jpg 10\n")
     with pytest.raises(DataError, match=r"range.txt:2: label 10 of 'b.jpg' is not \[0, 10\)"):
         FileIndex.from_file_list(str(tmp_path / "range.txt"), num_classes=10)
-    index = FileIndex.from_file_list(str(tmp_path / "range.txt"))
+    index = FileIndex.from_file_list(str(tmp_path / "range.txt"), check_files=False)
     with pytest.raises(DataError, match=r"b.jpg: label 10 is outside \[0, 5\)"):
         index.check_labels(5)
     with pytest.raises(DataError, match=r"a.jpg: cannot read sample 0"):
         index.read(0)
+
+
+def test_file_list_names_the_first_missing_file_and_its_line(tmp_path, monkeypatch):
+    from hvd_largebatch.data import sources
+
+    monkeypatch.setattr(sources, "STAT_CHUNK", 7)  # 100 files: 15 tasks over the thread pool
+    lines = ["# 100 files, two of them missing, one a folder"]
+    for i in range(100):
+        (tmp_path / f"{i}.png").write_bytes(b"x")
+        lines.append(f"{i}.png {i % 10}")
+    (tmp_path / "41.png").unlink()  # line 43 (after the comment)
+    (tmp_path / "80.png").unlink()
+    (tmp_path / "30.png").unlink()
+    (tmp_path / "30.png").mkdir()  # line 32: there, but not a file
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as error:
+        FileIndex.from_file_list(str(tmp_path / "list.txt"))
+    assert str(error.value) == (f"{tmp_path / 'list.txt'}:32: {tmp_path / '30.png'}: listed file "
+                                f"is not a regular file")
+    (tmp_path / "30.png").rmdir()
+    (tmp_path / "30.png").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"list\.txt:43: .*/41\.png: listed file not found$"):
+        FileIndex.from_file_list(str(tmp_path / "list.txt"))
+    assert len(FileIndex.from_file_list(str(tmp_path / "list.txt"), check_files=False)) == 100
+    # the ranks of a node share the check: of 4, rank 1 finds sample 41, rank 0 sample 80
+    for k in (2, 3):
+        FileIndex.from_file_list(str(tmp_path / "list.txt"), check_share=(k, 4))
+    with pytest.raises(DataError, match=r"list\.txt:43: .*/41\.png"):
+        FileIndex.from_file_list(str(tmp_path / "list.txt"), check_share=(1, 4))
+    with pytest.raises(DataError, match=r"list\.txt:82: .*/80\.png"):
+        FileIndex.from_file_list(str(tmp_path / "list.txt"), check_share=(0, 4))
 
 
 # -- DALI pipelines -------------------------------------------------------------------------

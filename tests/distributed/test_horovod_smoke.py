@@ -43,10 +43,13 @@ def test_collectives_on_two_ranks(launcher):
 
 @pytest.mark.parametrize("launcher", ["gloo", "mpirun"])
 def test_dead_rank_fails_the_job_in_bounded_time(launcher):
+    # the launcher helper's limit is far above the bound asserted below, and Gloo's own timeout
+    # above both: the launcher itself must end the job when rank 1 dies
     start = time.monotonic()
-    proc = run_ranks(SCRIPT, "--die-rank", "1", np=2, launcher=launcher, timeout=90)
+    proc = run_ranks(SCRIPT, "--die-rank", "1", np=2, launcher=launcher, timeout=150,
+                     env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "600"})
     elapsed = time.monotonic() - start
     assert proc.returncode != 0, proc.stdout
     assert "rank 1: exiting on purpose" in proc.stdout
     assert "COLLECTIVES OK" not in proc.stdout
-    assert elapsed < 90
+    assert elapsed < 60

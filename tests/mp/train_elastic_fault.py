@@ -6,8 +6,11 @@ Usage: train_elastic_fault.py N CONFIG [train options...] [--shrink MARKER].
   that Horovod elastic rolls the job back to the last commit and continues; prints ``rank R:
   fault after update N``.
 * ``--shrink MARKER``: rank 0 creates the file MARKER (the test's host-discovery script then
-  reports one slot fewer) and every rank waits ``SHRINK_WAIT_S`` so that the driver's
-  notification has arrived by the next commit; prints ``rank R: shrink after update N``.
+  reports one slot fewer) and waits until the driver's notification of the host change has
+  reached its elastic state (the driver notifies the coordinator, rank 0, only; the next commit
+  broadcasts it to the other ranks, which meanwhile wait in their next collective); every rank
+  prints ``rank R: shrink after update N``; rank 0 exits 3 if no notification came within
+  ``NOTIFY_TIMEOUT_S``.
 """
 import argparse
 import sys
@@ -17,15 +20,35 @@ from pathlib import Path
 from horovod.common.exceptions import HorovodInternalError
 
 from hvd_largebatch.cli.main import main
+from hvd_largebatch.training import elastic as elastic_module
 from hvd_largebatch.training import trainer as train_module
 
-SHRINK_WAIT_S = 2.5
+#: how long a rank waits for the host-change notification before the test fails
+NOTIFY_TIMEOUT_S = 60
 parser = argparse.ArgumentParser()
 parser.add_argument("event_after", type=int)
 parser.add_argument("--shrink", metavar="MARKER", default=None)
 args, train_args = parser.parse_known_args()
 iteration = train_module.Trainer._iteration
+build = elastic_module.TrainerState.build
 done = []
+states = []  # the elastic state of this worker (it receives the driver's notifications)
+
+
+def remember_state(self):
+    states[:] = [self]
+    return build(self)
+
+
+def wait_for_host_change() -> None:
+    """Until the driver's host-change message sits in the state's queue (which ``commit``
+    reads); Horovod's ObjectState keeps it in ``_host_messages``."""
+    deadline = time.monotonic() + NOTIFY_TIMEOUT_S
+    while states[0]._host_messages.empty():
+        if time.monotonic() > deadline:
+            print(f"no host-change notification within {NOTIFY_TIMEOUT_S} s", flush=True)
+            sys.exit(3)
+        time.sleep(0.05)
 
 
 def iteration_then_event(self, epoch, bar):
@@ -37,11 +60,12 @@ def iteration_then_event(self, epoch, bar):
         print(f"rank {self.run.rank}: shrink after update {self.updates}", flush=True)
         if self.run.rank == 0:
             Path(args.shrink).touch()
-        time.sleep(SHRINK_WAIT_S)
+            wait_for_host_change()
         return
     print(f"rank {self.run.rank}: fault after update {self.updates}", flush=True)
     raise HorovodInternalError("simulated collective failure")
 
 
 train_module.Trainer._iteration = iteration_then_event
+elastic_module.TrainerState.build = remember_state
 sys.exit(main(["train", *train_args]))

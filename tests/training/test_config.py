@@ -1,5 +1,6 @@
 """Config schema: defaults, overrides, and errors that name the offending key."""
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
@@ -37,6 +38,8 @@ def test_valid_config_fills_defaults():
     assert cfg.data.crop_scale == [0.08, 1.0] and cfg.data.workers == 4
     assert cfg.train.max_per_rank_batch == 8 and cfg.train.eval_every == 1
     assert cfg.output.tensorboard is True
+    assert (cfg.optimizer.momentum_correction, cfg.optimizer.denominator) == (True, "separate")
+    assert (cfg.train.max_skipped_steps, cfg.train.stall_timeout_s) == (20, 300.0)
     again = parse_config(cfg.to_dict())  # the resolved config round-trips
     assert again == cfg
 
@@ -89,6 +92,10 @@ def test_errors_name_the_key(mapping, key, message):
     ({"train__seed": 1.5}, "train.seed"),
     ({"output__dir": ""}, "output.dir"),
     ({"output__plots": None}, "output.plots"),
+    ({"optimizer__denominator": "product"}, "optimizer.denominator"),
+    ({"optimizer__momentum_correction": "no"}, "optimizer.momentum_correction"),
+    ({"train__max_skipped_steps": -1}, "train.max_skipped_steps"),
+    ({"train__stall_timeout_s": -5}, "train.stall_timeout_s"),
 ])
 def test_bad_values(change, key):
     with pytest.raises(ConfigError) as info:
@@ -160,6 +167,24 @@ def test_load_config_file(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match=r"^config: .*must hold a mapping"):
         load_config(str(tmp_path / "list.yaml"))
+
+
+def test_stray_colon_key_is_named_in_files_and_overrides():
+    mapping = apply_overrides(copy.deepcopy(BASE), ["train.note={seed:3}"])
+    with pytest.raises(ConfigError, match=r"^train\.note\.seed:3: stray key 'seed:3': .*write "
+                                          r"'seed: 3'$"):
+        parse_config(mapping)
+    mapping = yaml.safe_load("schedule: {phases: [{end_epoch: 1}, {end_epoch:2}]}")
+    with pytest.raises(ConfigError, match=r"^schedule\.phases\[1\]\.end_epoch:2: stray key"):
+        parse_config({**BASE, **mapping})
+
+
+def test_the_32k_config_runs_algorithm_1_as_written():
+    from hvd_largebatch.training.config import load_config
+
+    cfg = load_config(str(Path(__file__).resolve().parents[2] / "jobs/configs/lars_32k_resnet50.yaml"))
+    assert cfg.optimizer.name == "lars"
+    assert (cfg.optimizer.momentum_correction, cfg.optimizer.denominator) == (False, "separate")
 
 
 def test_schedule_takes_the_data_size():

@@ -219,7 +219,8 @@ def test_update_is_the_exact_global_batch_mean_with_uneven_micro_batches(digits,
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("case,launcher", [("batch", "gloo"), ("folder", "mpirun"),
-                                           ("model", "gloo"), ("key", "gloo")])
+                                           ("model", "gloo"), ("key", "gloo"),
+                                           ("filelist", "mpirun")])
 def test_bad_input_ends_every_rank_with_one_message(case, launcher, reference, digits, tmp_path):
     mapping = config(digits, tmp_path / "out")
     extra = []
@@ -234,17 +235,52 @@ def test_bad_input_ends_every_rank_with_one_message(case, launcher, reference, d
         mapping["model"] = {"name": "wrn_16_4"}
         extra = ["--resume", str(reference / "out" / CHECKPOINT_NAME)]
         expected = "model.name: " + str(reference / "out" / CHECKPOINT_NAME) + " holds a small_resnet model"
+    elif case == "filelist":  # the list names a file that is gone: found at indexing
+        copy = tmp_path / "listed"
+        shutil.copytree(digits, copy)
+        sixth = (copy / "train.txt").read_text().splitlines()[5].split()[0]
+        (copy / sixth).unlink()
+        mapping["data"].update(source="filelist", path=str(copy), train_list="train.txt",
+                               val_list="val.txt", stats="digits")
+        # the 2 ranks of this node share the check: sample 5 is rank 1's
+        expected = (f"rank 1 of 2: DataError: {copy / 'train.txt'}:6: {copy / sixth}: listed "
+                    f"file not found")
     else:  # a typo on the command line
         extra = ["--set", "train.warmup_epochs=5"]
         expected = "train.warmup_epochs: unknown key"
     cfg = write_config(tmp_path / "cfg.yaml", mapping)
     start = time.monotonic()
-    proc = run_ranks(*CLI, "train", str(cfg), *extra, np=2, launcher=launcher, timeout=90)
+    # the launcher helper's limit is far above the bound asserted below, and Gloo's own timeout
+    # (what would end a hang under horovodrun) above both: the job must end by itself, in time
+    proc = run_ranks(*CLI, "train", str(cfg), *extra, np=2, launcher=launcher, timeout=150,
+                     env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "600"})
     assert proc.returncode != 0, proc.stdout
     assert proc.stdout.count(expected) == 1, proc.stdout
     assert proc.stdout.count("hvd-largebatch train: error:") == 1, proc.stdout
     assert not (tmp_path / "out" / "metrics.csv").exists()  # no training started
-    assert time.monotonic() - start < 90
+    assert time.monotonic() - start < 60
+
+
+@pytest.mark.multiprocess
+def test_resume_with_other_settings_says_what_changed_or_refuses(reference, digits, tmp_path):
+    shutil.copytree(reference / "out", tmp_path / "out")
+    mapping = config(digits, tmp_path / "out", checkpoint_every=5)
+    mapping["optimizer"].update(name="sgd", weight_decay=2.0e-4)
+    cfg = write_config(tmp_path / "cfg.yaml", mapping)
+    proc = run_ranks(*CLI, "train", str(cfg), "--resume", "auto", np=2, timeout=180)
+    assert proc.returncode == 0, proc.stdout
+    warnings = [line.split("hvd-largebatch train: warning: ", 1)[1]
+                for line in proc.stdout.splitlines() if "hvd-largebatch train: warning: " in line]
+    assert warnings == [  # once (rank 0), one line per key; output.dir moved: not a change
+        "resuming with optimizer.name = 'sgd' (the checkpoint was written with 'lars')",
+        "resuming with optimizer.weight_decay = 0.0002 (the checkpoint was written with 0.0001)"]
+    # the momentum buffers of the other form would be wrong by a factor lr: refused
+    proc = run_ranks(*CLI, "train", str(cfg), "--resume", "auto", "--set",
+                     "optimizer.momentum_correction=false", np=2, timeout=180)
+    assert proc.returncode != 0, proc.stdout
+    assert proc.stdout.count("hvd-largebatch train: error: ConfigError: "
+                             "optimizer.momentum_correction: ") == 1, proc.stdout
+    assert "was written with True, this config has False" in proc.stdout
 
 
 @pytest.mark.multiprocess
@@ -414,7 +450,7 @@ def test_train_cli_help_lists_options(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    for option in ("--set", "--resume", "--synthetic"):
+    for option in ("--set", "--resume", "--overwrite", "--synthetic"):
         assert option in text
 
 
