@@ -86,6 +86,13 @@ class FileIndex:
             raise DataError(f"{path}: sample {i} of {self.source} is an empty file")
         return np.frombuffer(data, dtype=np.uint8)
 
+    def subset(self, keep: np.ndarray) -> "FileIndex":
+        """A new index of the samples ``keep`` (ascending sample indices), same root, classes
+        and source; sample ``j`` of the result is sample ``keep[j]`` here."""
+        keep = np.asarray(keep, dtype=np.int64)
+        return FileIndex(self.root, [self.rel_path(int(i)) for i in keep], self.labels[keep],
+                         self.classes, self.source)
+
     def check_labels(self, num_classes: int) -> None:
         """DataError naming the first file whose label is outside ``[0, num_classes)``."""
         bad = np.flatnonzero((self.labels < 0) | (self.labels >= num_classes))
