@@ -20,11 +20,14 @@ loader of the new micro-batch count continues from the sampler's position.
 At the end of every epoch the model is evaluated on the validation set if due (top-1, top-5 and
 loss, summed over ranks and divided by the sample count) and a checkpoint is written. Extra
 checkpoints are written every ``train.checkpoint_every`` updates and after a ``SIGUSR1`` (sent
-to any rank; honoured at the next ``log_every`` boundary). Before every evaluation and
-checkpoint, BN running statistics are averaged over ranks (``train.average_bn_stats``; BN
-normalizes with per-rank batch statistics while training, as in Goyal et al., so this changes
-no update). ``--resume`` continues at the exact epoch, iteration, phase and data position, on
-any world size that divides the schedule's batches.
+to any rank; honoured at the next ``log_every`` boundary). Before every evaluation BN running
+statistics are averaged over ranks (``train.average_bn_stats``; BN normalizes with per-rank
+batch statistics while training, as in Goyal et al., so this changes no update); a checkpoint
+holds the averaged statistics and, beside them, every rank's own. ``--resume`` continues at the
+exact epoch, iteration, phase and data position, on any world size that divides the schedule's
+batches; on the same world size a run killed at any iteration and resumed ends bit for bit as
+the uninterrupted run (weights, BN buffers, momentum: the augmentation is a function of
+(seed, epoch, sample), each rank gets its BN statistics and RNG state back).
 
 Inputs are float32 tensors; ``train.precision: bf16`` runs forward passes under autocast.
 """
@@ -128,10 +131,17 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         rngs = self.hvd.allgather_object(rng) if self.run.world_size > 1 else [rng]
+        model, bn_local = self.model.state_dict(), None
+        if self.cfg.train.average_bn_stats and self.run.world_size > 1:
+            # the checkpoint's model holds the averaged statistics; each rank's own go beside
+            # them, so that a resume on the same world size continues bit for bit
+            local = {name: buf.detach().cpu().clone() for name, buf in self._bn_buffers()}
+            bn_local = self.hvd.allgather_object(local)
+            model = {**model, **dict(zip(local, self._averaged_bn_buffers()))}
         return {
             "model_name": self.cfg.model.name, "model_options": dict(self.cfg.model.options),
-            "num_classes": self.run.data.num_classes,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.gathered_state_dict(),
+            "num_classes": self.run.data.num_classes, "bn_local": bn_local,
+            "model": model, "optimizer": self.optimizer.gathered_state_dict(),
             "epoch": self.epoch, "step": self.step, "updates": self.updates,
             "samples": self.samples, "wall_time": self.wall_time,
             "sampler": self.sampler.state_dict(), "rng": rngs, "world_size": self.run.world_size,
@@ -146,6 +156,11 @@ class Trainer:
         self.updates, self.samples = state["updates"], state["samples"]
         self.wall_time = state["wall_time"]
         rngs = state["rng"]
+        local = state.get("bn_local")
+        if local is not None and len(local) == self.run.world_size:
+            with torch.no_grad():
+                for name, buf in self._bn_buffers():
+                    buf.copy_(local[self.run.rank][name])
         if len(rngs) == self.run.world_size:
             torch.set_rng_state(rngs[self.run.rank]["cpu"])
             if self.device.type == "cuda" and "cuda" in rngs[self.run.rank]:
@@ -155,7 +170,6 @@ class Trainer:
 
     def save(self) -> None:
         """Write ``checkpoint.pt`` (all ranks call this; rank 0 writes)."""
-        self._average_bn_stats()
         state = self.state_dict()
         if self.is_root:
             save_checkpoint(state, os.path.join(self.cfg.output.dir, CHECKPOINT_NAME))
@@ -246,10 +260,10 @@ class Trainer:
         loader when ``k`` changes; it continues at the sampler's position)."""
         if self._loader is None or self._loader_k != k:
             self._close_loader()
-            # augmentation seed: differs per loader, identical for identical runs
-            seed = hash((self.cfg.train.seed, self.updates)) % 2**31
+            # augmentation: a function of (train.seed, epoch, sample) only
             self._loader = train_loader(self.cfg, self.run.data, self.sampler, micro_batches=k,
-                                        device=self.device, dtype=_INPUT_DTYPE, seed=seed)
+                                        device=self.device, dtype=_INPUT_DTYPE,
+                                        seed=self.cfg.train.seed)
             self._loader_k = k
         if self._batches is None:
             self._batches = iter(self._loader.epoch(epoch))
@@ -376,14 +390,23 @@ class Trainer:
         loss, top1, top5, n = sums.tolist()
         return {"loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
 
+    def _bn_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        return [(name, buf) for name, buf in self.model.named_buffers()
+                if name.endswith(("running_mean", "running_var"))]
+
+    def _averaged_bn_buffers(self) -> list[torch.Tensor]:
+        """BN running statistics averaged over ranks (new tensors; collective)."""
+        buffers = [buf for _, buf in self._bn_buffers()]
+        if not buffers:
+            return []
+        return self.hvd.grouped_allreduce(buffers, op=self.hvd.Average, name="bn.stats")
+
     def _average_bn_stats(self) -> None:
+        """Replace every rank's BN running statistics with their average (before evaluation)."""
         if not self.cfg.train.average_bn_stats or self.run.world_size == 1:
             return
-        buffers = [buf for name, buf in self.model.named_buffers()
-                   if name.endswith(("running_mean", "running_var"))]
-        if buffers:
-            averaged = self.hvd.grouped_allreduce(buffers, op=self.hvd.Average, name="bn.stats")
-            for buf, avg in zip(buffers, averaged):
+        with torch.no_grad():
+            for (_, buf), avg in zip(self._bn_buffers(), self._averaged_bn_buffers()):
                 buf.copy_(avg)
 
     # -- end --------------------------------------------------------------------------------
