@@ -28,7 +28,10 @@ the ``schedule`` section has a default::
       flip: true                # training horizontal flips
       workers: 4                # DALI CPU threads per rank
       prefetch: 2               # micro-batches DALI prepares ahead
-      skip_bad_files: false     # drop unreadable images instead of stopping with DataError
+      skip_bad_files: false     # drop unusable images (named and counted in the log) instead
+                                # of stopping with DataError
+      check_files: true         # read and decode every file once before its first use (cached
+                                # by the index's fingerprint; see hvd_largebatch.data.check)
       num_classes: null         # synthetic: classes (default 1000)
       num_samples: null         # synthetic: training samples (default schedule.dataset_size)
       val_samples: null         # synthetic: validation samples (default 50,000)
@@ -54,6 +57,11 @@ the ``schedule`` section has a default::
       device: auto              # auto (cuda if available) | cpu | cuda
       eval_batch: null          # per-rank batch of evaluation (default max_per_rank_batch)
       average_bn_stats: true    # average BN running statistics over ranks before eval/checkpoint
+      bn_group: null            # ghost batch norm: BN statistics over fixed groups of this many
+                                # samples, whatever the world size and micro-batching (per-rank
+                                # micro-batches must be multiples of it; needs drop_last)
+      deterministic: false      # also torch.use_deterministic_algorithms(True) (and cuDNN's
+                                # deterministic, non-benchmark mode on a GPU)
     output:
       dir: runs/default         # metrics.csv, events (TensorBoard), checkpoint.pt, plots
       tensorboard: true
@@ -112,6 +120,7 @@ class DataConfig:
     workers: int = 4
     prefetch: int = 2
     skip_bad_files: bool = False
+    check_files: bool = True
     num_classes: int | None = None
     num_samples: int | None = None
     val_samples: int | None = None
@@ -139,6 +148,8 @@ class TrainConfig:
     device: str = "auto"
     eval_batch: int | None = None
     average_bn_stats: bool = True
+    bn_group: int | None = None
+    deterministic: bool = False
 
 
 @dataclass(frozen=True)
@@ -382,6 +393,11 @@ def _check_values(cfg: Config) -> None:
     _at_least("train.log_every", t.log_every, 1)
     if t.eval_batch is not None:
         _at_least("train.eval_batch", t.eval_batch, 1)
+    if t.bn_group is not None:
+        _at_least("train.bn_group", t.bn_group, 1)
+        if t.bn_group > t.max_per_rank_batch:
+            raise ConfigError("train.bn_group", f"{t.bn_group} is larger than "
+                              f"train.max_per_rank_batch {t.max_per_rank_batch}")
     if not cfg.output.dir:
         raise ConfigError("output.dir", "must not be empty")
 

@@ -77,9 +77,10 @@ from hvd_largebatch.data import (CIFAR10_MEAN, CIFAR10_STD, DIGITS_MEAN, DIGITS_
                                  IMAGENET_STD, FileIndex, GlobalSampler, ImageTransform, StepLoader)
 from hvd_largebatch.errors import ConfigError, DataError, DistributedMismatchError
 from hvd_largebatch.lars import FusedLARS, param_groups
-from hvd_largebatch.models import build_model
+from hvd_largebatch.models import build_model, use_ghost_batch_norm
 from hvd_largebatch.schedules import Schedule, accumulation_steps
 from hvd_largebatch.training.checkpoint import check_model_matches, load_checkpoint, resolve_resume
+from hvd_largebatch.training.data_check import check_run_data, drop_unusable
 from hvd_largebatch.training.config import (DEFAULT_DIGITS_PATH, SYNTHETIC_CLASSES,
                                             SYNTHETIC_VAL_SAMPLES, Config, DataConfig,
                                             build_schedule, stated_dataset_size)
@@ -164,26 +165,47 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
-def micro_batch_plan(schedule: Schedule, world_size: int, max_per_rank_batch: int) -> tuple[int, ...]:
+def micro_batch_plan(schedule: Schedule, world_size: int, max_per_rank_batch: int,
+                     bn_group: int | None = None) -> tuple[int, ...]:
     """Micro-batches per iteration for every phase; ConfigError naming the phase when its global
-    batch does not divide by ``world_size``."""
+    batch does not divide by ``world_size``. With ``bn_group`` (ghost BN) every per-rank
+    micro-batch is a multiple of ``bn_group`` samples, else ConfigError naming train.bn_group."""
     schedule.validate(world_size)
-    return tuple(accumulation_steps(p.global_batch // world_size, max_per_rank_batch)
-                 for p in schedule.phases)
+    if bn_group is None:
+        return tuple(accumulation_steps(p.global_batch // world_size, max_per_rank_batch)
+                     for p in schedule.phases)
+    if not schedule.drop_last:
+        raise ConfigError("train.bn_group", "needs schedule.drop_last: true (a partial last "
+                          "batch cannot be cut into whole BN groups)")
+    plan = []
+    for k, p in enumerate(schedule.phases):
+        per_rank = p.global_batch // world_size
+        if per_rank % bn_group:
+            raise ConfigError("train.bn_group", f"phase {k}: the per-rank batch of {per_rank} "
+                              f"samples (global batch {p.global_batch} / {world_size} ranks) is "
+                              f"not a multiple of {bn_group}")
+        plan.append(accumulation_steps(per_rank // bn_group, max_per_rank_batch // bn_group))
+    return tuple(plan)
 
 
 def setup_run(cfg: Config, *, resume: str | None, synthetic: bool, world_size: int, rank: int,
-              local_rank: int) -> Run:
-    """Build and check the run on this rank (no collective; see the module docstring)."""
+              local_rank: int, checks: dict | None = None) -> Run:
+    """Build and check the run on this rank (no collective; see the module docstring).
+    ``checks``: the image check's results (``data_check.check_run_data``), whose unusable
+    files are left out of the indexes."""
     if synthetic:
         cfg, schedule, data = _rehearsal(cfg, world_size)
     else:
-        data = index_data(cfg, stated_dataset_size(cfg))
+        data = index_data(cfg, stated_dataset_size(cfg), checks)
         schedule = build_schedule(cfg, data.num_train)
+    if cfg.train.deterministic:
+        deterministic_algorithms()
     device = resolve_device(cfg.train.device, local_rank)
-    micro = micro_batch_plan(schedule, world_size, cfg.train.max_per_rank_batch)
+    micro = micro_batch_plan(schedule, world_size, cfg.train.max_per_rank_batch, cfg.train.bn_group)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, data.num_classes, cfg.model.options)
+    if cfg.train.bn_group is not None:
+        use_ghost_batch_norm(model, cfg.train.bn_group)
     sampler = GlobalSampler(schedule.dataset_size, schedule, world_size, rank,
                             seed=cfg.train.seed, drop_last=schedule.drop_last)
     path = resolve_resume(resume, cfg.output.dir)
@@ -220,9 +242,24 @@ def agreed_run(cfg: Config, hvd, *, resume: str | None, synthetic: bool) -> Run:
     ``SetupError`` on every rank when any fails)."""
     if cfg.data.source == "digits" and not synthetic:
         agree(hvd, lambda: prepare_digits(cfg.data) if hvd.rank() == 0 else None, "writing digits")
+    checks = None
+    if not synthetic:  # rank 0 checks every image once, before any rank decodes one
+        checks = agree(hvd, lambda: check_run_data(cfg, index_data) if hvd.rank() == 0 else None,
+                       "checking data")
+        if hvd.size() > 1:  # a fixed name: Horovod names it by type otherwise (None != dict)
+            checks = hvd.broadcast_object(checks, root_rank=0, name="data.check")
     return agree(hvd, lambda: setup_run(cfg, resume=resume, synthetic=synthetic,
                                         world_size=hvd.size(), rank=hvd.rank(),
-                                        local_rank=hvd.local_rank()))
+                                        local_rank=hvd.local_rank(), checks=checks))
+
+
+def deterministic_algorithms() -> None:
+    """``train.deterministic``: torch's deterministic algorithms (an error on an operation that
+    has none), cuDNN deterministic and not benchmarking, cuBLAS with a fixed workspace."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 # -- 1. data index (and the digits set, written on first use) -------------------------------
@@ -252,11 +289,11 @@ def prepare_digits(d: DataConfig) -> None:
         write_digits_folder(data_root(d))
 
 
-def index_data(cfg: Config, schedule_dataset_size: int | None) -> DataSets:
+def index_data(cfg: Config, schedule_dataset_size: int | None, checks: dict | None = None) -> DataSets:
     """Index the training and validation sets; DataError naming the missing folder or file.
 
     ``schedule_dataset_size`` is the size synthetic data takes when ``data.num_samples`` is
-    not set."""
+    not set; ``checks`` (the image check's results) leaves the unusable files out."""
     d = cfg.data
     if d.source == "synthetic":
         n = d.num_samples or schedule_dataset_size
@@ -277,6 +314,8 @@ def index_data(cfg: Config, schedule_dataset_size: int | None) -> DataSets:
         if train.classes != val.classes:
             raise DataError(f"{root}: train/ has classes {_few(train.classes)} but val/ has "
                             f"{_few(val.classes)}; both need the same class folders")
+    if checks is not None:
+        train, val = drop_unusable(train, checks["train"]), drop_unusable(val, checks["val"])
     num_classes = cfg.model.num_classes or max(train.num_classes, val.num_classes)
     train.check_labels(num_classes)
     val.check_labels(num_classes)

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from hvd_largebatch.models import apply_ghost_bn_statistics, ghost_bn_statistics
 from hvd_largebatch.schedules import noise_scale
 from hvd_largebatch.training.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from hvd_largebatch.training.config import Config
@@ -132,7 +133,7 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         rngs = self.hvd.allgather_object(rng) if self.run.world_size > 1 else [rng]
         model, bn_local = self.model.state_dict(), None
-        if self.cfg.train.average_bn_stats and self.run.world_size > 1:
+        if self._bn_stats_per_rank:
             # the checkpoint's model holds the averaged statistics; each rank's own go beside
             # them, so that a resume on the same world size continues bit for bit
             local = {name: buf.detach().cpu().clone() for name, buf in self._bn_buffers()}
@@ -231,6 +232,8 @@ class Trainer:
             images, labels = next(batches)
             self._micro_step(images, labels, scale)
         opt.step()
+        if self.cfg.train.bn_group is not None:
+            self._update_ghost_bn()
         self.step += 1
         self.updates += 1
         self.samples += point.global_batch
@@ -390,6 +393,22 @@ class Trainer:
         loss, top1, top5, n = sums.tolist()
         return {"loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
 
+    def _update_ghost_bn(self) -> None:
+        """Ghost BN: one running-statistics update per step from the groups of all ranks."""
+        pending = ghost_bn_statistics(self.model)
+        if pending is None:
+            return
+        if self.run.world_size > 1:
+            pending = self.hvd.allreduce(pending.cpu(), op=self.hvd.Sum, name="bn.ghost")
+        apply_ghost_bn_statistics(self.model, pending.to(self.device))
+
+    @property
+    def _bn_stats_per_rank(self) -> bool:
+        """Whether ranks hold different BN running statistics (averaged before evaluation);
+        ghost BN's are global already."""
+        return (self.cfg.train.average_bn_stats and self.run.world_size > 1
+                and self.cfg.train.bn_group is None)
+
     def _bn_buffers(self) -> list[tuple[str, torch.Tensor]]:
         return [(name, buf) for name, buf in self.model.named_buffers()
                 if name.endswith(("running_mean", "running_var"))]
@@ -403,7 +422,7 @@ class Trainer:
 
     def _average_bn_stats(self) -> None:
         """Replace every rank's BN running statistics with their average (before evaluation)."""
-        if not self.cfg.train.average_bn_stats or self.run.world_size == 1:
+        if not self._bn_stats_per_rank:
             return
         with torch.no_grad():
             for (_, buf), avg in zip(self._bn_buffers(), self._averaged_bn_buffers()):

@@ -342,6 +342,18 @@ def test_micro_batch_plan():
     assert micro_batch_plan(schedule, 4, 16) == (1, 1, 2)  # 96 / 4 = 24 -> 2 x 12
     with pytest.raises(ConfigError, match=r"^schedule\.phases\[0\]\.global_batch: global batch 32 .*world size 3"):
         micro_batch_plan(schedule, 3, 16)
+    # ghost BN: micro-batches are whole groups. Groups of 8, cap 12: 16 / 32 / 48 per rank ->
+    # micro-batches of 8 (2, 4, 6 of them), where without groups 16 -> 2 x 8, 32 -> 3 x 10.67 is
+    # not possible so 4 x 8, 48 -> 4 x 12
+    assert micro_batch_plan(schedule, 2, 16, bn_group=4) == (1, 2, 3)
+    assert micro_batch_plan(schedule, 2, 12, bn_group=8) == (2, 4, 6)
+    assert micro_batch_plan(schedule, 2, 12) == (2, 4, 4)
+    with pytest.raises(ConfigError, match=r"^train\.bn_group: phase 0: the per-rank batch of 16 .*"
+                                          r"not a multiple of 6"):
+        micro_batch_plan(schedule, 2, 16, bn_group=6)
+    keep_all = from_config({"dataset_size": 64, "drop_last": False, "epochs": 1, "batch": 32, "lr": 0.1})
+    with pytest.raises(ConfigError, match=r"^train\.bn_group: needs schedule\.drop_last: true"):
+        micro_batch_plan(keep_all, 2, 16, bn_group=4)
 
 
 def test_checkpoint_survives_a_failing_write(tmp_path, monkeypatch):
