@@ -96,8 +96,8 @@ def check_bytes(data: bytes) -> str | None:
 
 
 def image_size(data: np.ndarray) -> tuple[int, int]:
-    """(width, height) in pixels from an encoded image's header (EXIF orientation ignored);
-    DataError-free: call only on files that passed the check or DALI will name them anyway."""
+    """(width, height) in pixels from an encoded image's header (EXIF orientation ignored).
+    Raises Pillow's error when the header cannot be parsed (the loader names the file)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:

@@ -60,8 +60,9 @@ the ``schedule`` section has a default::
       bn_group: null            # ghost batch norm: BN statistics over fixed groups of this many
                                 # samples, whatever the world size and micro-batching (per-rank
                                 # micro-batches must be multiples of it; needs drop_last)
-      deterministic: false      # also torch.use_deterministic_algorithms(True) (and cuDNN's
-                                # deterministic, non-benchmark mode on a GPU)
+      deterministic: false      # also torch.use_deterministic_algorithms(True), cuDNN's
+                                # deterministic non-benchmark mode on a GPU, and no Horovod tensor
+                                # fusion (a fixed reduction order on 3 or more ranks)
     output:
       dir: runs/default         # metrics.csv, events (TensorBoard), checkpoint.pt, plots
       tensorboard: true

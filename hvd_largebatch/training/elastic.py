@@ -34,7 +34,7 @@ from horovod.common.elastic import ObjectState
 
 from hvd_largebatch.errors import ConfigError
 from hvd_largebatch.training.config import Config
-from hvd_largebatch.training.setup import agreed_run
+from hvd_largebatch.training.setup import agreed_run, horovod_environment
 from hvd_largebatch.training.trainer import Trainer
 
 #: variables set by MPI launchers (an elastic job is never started by one)
@@ -61,6 +61,7 @@ def train_elastic(cfg: Config, *, resume: str | None = None, synthetic: bool = F
     """Train ``cfg`` under ``hvd.elastic.run``; returns the summary (as ``trainer.train``).
     ``resume`` applies to the first start only; later restarts continue from the commit."""
     check_elastic(cfg)
+    horovod_environment(cfg)
     hvd.init()
     state = TrainerState(cfg, resume=resume, synthetic=synthetic)
     state.register_reset_callbacks([state.release])

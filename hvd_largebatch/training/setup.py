@@ -253,6 +253,15 @@ def agreed_run(cfg: Config, hvd, *, resume: str | None, synthetic: bool) -> Run:
                                         local_rank=hvd.local_rank(), checks=checks))
 
 
+def horovod_environment(cfg: Config) -> None:
+    """Settings Horovod reads at ``hvd.init()`` (call before it): with ``train.deterministic``,
+    no tensor fusion (``HOROVOD_FUSION_THRESHOLD=0`` unless set), because which gradients share
+    a fusion buffer depends on timing, and with it the order in which a ring allreduce adds an
+    element's values on 3 or more ranks."""
+    if cfg.train.deterministic:
+        os.environ.setdefault("HOROVOD_FUSION_THRESHOLD", "0")
+
+
 def deterministic_algorithms() -> None:
     """``train.deterministic``: torch's deterministic algorithms (an error on an operation that
     has none), cuDNN deterministic and not benchmarking, cuBLAS with a fixed workspace."""

@@ -49,7 +49,8 @@ from hvd_largebatch.schedules import noise_scale
 from hvd_largebatch.training.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from hvd_largebatch.training.config import Config
 from hvd_largebatch.training.metrics import MetricsLogger, ProgressBar
-from hvd_largebatch.training.setup import Run, agreed_run, build_optimizer, train_loader, val_loader
+from hvd_largebatch.training.setup import (Run, agreed_run, build_optimizer, horovod_environment,
+                                           train_loader, val_loader)
 
 SUMMARY_NAME = "summary.json"
 _PRECISION_DTYPES = {"bf16": torch.bfloat16}
@@ -65,6 +66,7 @@ def train(cfg: Config, *, resume: str | None = None, synthetic: bool = False) ->
     """
     import horovod.torch as hvd
 
+    horovod_environment(cfg)
     hvd.init()
     return Trainer(agreed_run(cfg, hvd, resume=resume, synthetic=synthetic), hvd).fit()
 

@@ -1,7 +1,6 @@
 """Unusable image files in a training run on 2 real ranks at the batch size where DALI crashed
 (issue 15: per-rank batches of 32): named in one error before any rank decodes, or skipped and
 counted with ``data.skip_bad_files``, the global batch staying the schedule's."""
-import os
 import shutil
 
 import numpy as np

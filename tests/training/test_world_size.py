@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import MP, run_ranks
+from launch import CLI, MP, run_ranks
 from test_train import AUGMENTATION, config, digits, final_state, write_config  # noqa: F401
 
 pytestmark = pytest.mark.multiprocess
@@ -21,7 +21,9 @@ STEPS = 8  # iterations whose inputs are compared
 BN_GROUP_TOLERANCE = 1e-5
 
 
-def run(tmp: Path, world: int, bn_group) -> tuple[dict, list]:
+def run(tmp: Path, digits_path: str, world: int, bn_group) -> tuple[dict, list]:
+    """The final checkpoint and the inputs of the first STEPS iterations (global batches) of
+    the run on ``world`` ranks."""
     out = tmp / f"np{world}-g{bn_group}"
     mapping = config(digits_path, out, AUGMENTATION, max_per_rank_batch=8, log_every=10,
                      bn_group=bn_group, eval_every=0)
@@ -47,10 +49,9 @@ def max_weight_difference(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, digits):  # noqa: F811
-    global digits_path
-    digits_path = digits
     tmp = tmp_path_factory.mktemp("worlds")
-    return {(world, group): run(tmp, world, group) for group in (4, None) for world in (1, 2, 3)}
+    return {(world, group): run(tmp, digits, world, group)
+            for group in (4, None) for world in (1, 2, 3)}
 
 
 def test_inputs_of_every_step_are_bitwise_the_same_on_1_2_3_ranks(runs):
@@ -68,3 +69,28 @@ def test_ghost_batch_norm_makes_weights_agree_across_world_sizes(runs):
     print(f"max |w_1 - w_W| for W = 2, 3: bn_group 4: {with_group}; no bn_group: {without}")
     assert max(with_group) < BN_GROUP_TOLERANCE
     assert min(without) > 100 * BN_GROUP_TOLERANCE  # per-rank BN statistics change the run
+
+
+def test_kill_and_resume_on_3_ranks_is_bit_identical_with_deterministic(digits, tmp_path):  # noqa: F811
+    # on 3 ranks the order in which an allreduce adds an element's values depends on which
+    # gradients Horovod fuses, i.e. on timing; train.deterministic turns fusion off
+    def job(name):
+        mapping = config(digits, tmp_path / name, AUGMENTATION, max_per_rank_batch=8,
+                         log_every=1, eval_every=0, checkpoint_every=5, deterministic=True)
+        mapping["schedule"] = SCHEDULE
+        mapping["optimizer"] = {"name": "sgd", "weight_decay": 1.0e-4}
+        return write_config(tmp_path / f"{name}.yaml", mapping)
+
+    whole = run_ranks(MP / "train_dump.py", 0, tmp_path, job("whole"), np=3, timeout=180)
+    assert whole.returncode == 0, whole.stdout
+    crashed = run_ranks(MP / "train_crash.py", "17", job("crashed"), np=3, timeout=180)
+    assert "killed after update 17" in crashed.stdout, crashed.stdout
+    assert final_state(tmp_path / "crashed")["updates"] == 15
+    resumed = run_ranks(*CLI, "train", job("crashed"), "--resume", "auto", np=3, timeout=180)
+    assert resumed.returncode == 0, resumed.stdout
+    ours, theirs = final_state(tmp_path / "crashed"), final_state(tmp_path / "whole")
+    assert ours["updates"] == theirs["updates"] == 44
+    for name, tensor in theirs["model"].items():
+        assert torch.equal(ours["model"][name], tensor), name
+    for key, state in theirs["optimizer"]["state"].items():
+        assert torch.equal(ours["optimizer"]["state"][key]["momentum_buffer"], state["momentum_buffer"])
