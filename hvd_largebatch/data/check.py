@@ -20,7 +20,8 @@ What a file must pass (:func:`check_bytes`), in this order, each step cheaper th
    whose format this Pillow cannot decode (JPEG 2000 without OpenJPEG) stops after step 3.
 
 The check runs in a thread pool (file reads and Pillow's decoders release the GIL; threads are
-safe in an MPI process, where ``fork`` is not). Its result is cached as JSON under
+safe in an MPI process, where ``fork`` is not); a training run splits the files over its ranks
+(``check_part`` on every rank, ``hvd_largebatch.training.data_check``). Its result is cached as JSON under
 ``<cache_dir>/<fingerprint>.json``, the fingerprint being a SHA-256 of the index (root, relative
 paths, labels): a second run over the same index reads the cache instead of the files. A file
 replaced in place after its check is not re-checked; delete the cache file (or run
@@ -140,24 +141,30 @@ class CheckResult:
         return f"{self.bad[i]}: sample {i} of {source}{more}; data.skip_bad_files: true skips them"
 
 
-def check_index(index: FileIndex, *, threads: int | None = None, cache_dir: str | None = None,
-                force: bool = False) -> CheckResult:
-    """Check every file of ``index`` (see the module docstring), or read the cached result.
+def cache_path(index: FileIndex, cache_dir: str) -> str:
+    """The cache file of ``index``'s check result under ``cache_dir``."""
+    return os.path.join(cache_dir, fingerprint(index) + ".json")
 
-    ``threads``: checking threads (default: the cores this process may use); ``cache_dir``:
-    where results are cached (None: no cache); ``force``: ignore a cached result."""
-    path = os.path.join(cache_dir, fingerprint(index) + ".json") if cache_dir else None
-    if path and not force and os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-        if saved.get("version") == VERSION and saved.get("files") == len(index):
-            return CheckResult({int(i): r for i, r in saved["bad"].items()}, len(index), 0.0, path)
-    start = time.perf_counter()
-    threads = threads or len(os.sched_getaffinity(0))
 
+def cached_result(index: FileIndex, cache_dir: str | None) -> CheckResult | None:
+    """The cached check result of ``index``, or None (no cache, none written yet, or written by
+    another check version)."""
+    path = cache_path(index, cache_dir) if cache_dir else None
+    if not path or not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    if saved.get("version") != VERSION or saved.get("files") != len(index):
+        return None
+    return CheckResult({int(i): r for i, r in saved["bad"].items()}, len(index), 0.0, path)
+
+
+def check_part(index: FileIndex, indices: range, threads: int) -> dict[int, str]:
+    """Check the files ``indices`` of ``index`` with ``threads`` threads: sample index ->
+    ``"<path>: <reason>"`` for the unusable ones."""
     def chunk(lo: int) -> dict[int, str]:
         found = {}
-        for i in range(lo, min(lo + CHUNK, len(index))):
+        for i in indices[lo:lo + CHUNK]:
             reason = check_file(index.path(i))
             if reason is not None:
                 found[i] = f"{index.path(i)}: {reason}"
@@ -165,9 +172,15 @@ def check_index(index: FileIndex, *, threads: int | None = None, cache_dir: str 
 
     bad: dict[int, str] = {}
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        for found in pool.map(chunk, range(0, len(index), CHUNK)):
+        for found in pool.map(chunk, range(0, len(indices), CHUNK)):
             bad.update(found)
-    result = CheckResult(bad, len(index), time.perf_counter() - start, path)
+    return bad
+
+
+def save_result(index: FileIndex, bad: dict[int, str], seconds: float,
+                cache_dir: str | None) -> CheckResult:
+    """The check result of ``index``, written to the cache (atomically) when ``cache_dir``."""
+    path = cache_path(index, cache_dir) if cache_dir else None
     if path:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -175,7 +188,21 @@ def check_index(index: FileIndex, *, threads: int | None = None, cache_dir: str 
             json.dump({"version": VERSION, "source": index.source, "files": len(index),
                        "bad": {str(i): r for i, r in sorted(bad.items())}}, f, indent=1)
         os.replace(tmp, path)
-    return result
+    return CheckResult(dict(sorted(bad.items())), len(index), seconds, path)
+
+
+def check_index(index: FileIndex, *, threads: int | None = None, cache_dir: str | None = None,
+                force: bool = False) -> CheckResult:
+    """Check every file of ``index`` in this process (see the module docstring), or read the
+    cached result. ``threads``: checking threads (default: the cores this process may use);
+    ``cache_dir``: where results are cached (None: no cache); ``force``: ignore a cached
+    result."""
+    cached = None if force else cached_result(index, cache_dir)
+    if cached is not None:
+        return cached
+    start = time.perf_counter()
+    bad = check_part(index, range(len(index)), threads or len(os.sched_getaffinity(0)))
+    return save_result(index, bad, time.perf_counter() - start, cache_dir)
 
 
 def readable(index: FileIndex, result: CheckResult) -> FileIndex:

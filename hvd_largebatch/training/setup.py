@@ -3,6 +3,9 @@ from it.
 
 The line, run on every rank by :func:`agreed_run` (the only collective here):
 
+0. **image check** (``data_check.agreed_check``, collective: the ranks share the files, or rank
+   0 reads the cached result): every image read and decoded once, unusable ones named (error)
+   or left out of the indexes;
 1. **data index** (:func:`index_data`): the training and validation sets of ``data:``
    (sizes, class count), or ``--synthetic``'s rehearsal of the job (:func:`rehearsal_schedule`,
    :func:`rehearsal_config`);
@@ -80,7 +83,7 @@ from hvd_largebatch.lars import FusedLARS, param_groups
 from hvd_largebatch.models import build_model, use_ghost_batch_norm
 from hvd_largebatch.schedules import Schedule, accumulation_steps
 from hvd_largebatch.training.checkpoint import check_model_matches, load_checkpoint, resolve_resume
-from hvd_largebatch.training.data_check import check_run_data, drop_unusable
+from hvd_largebatch.training.data_check import agreed_check, drop_unusable
 from hvd_largebatch.training.config import (DEFAULT_DIGITS_PATH, SYNTHETIC_CLASSES,
                                             SYNTHETIC_VAL_SAMPLES, Config, DataConfig,
                                             build_schedule, stated_dataset_size)
@@ -242,12 +245,8 @@ def agreed_run(cfg: Config, hvd, *, resume: str | None, synthetic: bool) -> Run:
     ``SetupError`` on every rank when any fails)."""
     if cfg.data.source == "digits" and not synthetic:
         agree(hvd, lambda: prepare_digits(cfg.data) if hvd.rank() == 0 else None, "writing digits")
-    checks = None
-    if not synthetic:  # rank 0 checks every image once, before any rank decodes one
-        checks = agree(hvd, lambda: check_run_data(cfg, index_data) if hvd.rank() == 0 else None,
-                       "checking data")
-        if hvd.size() > 1:  # a fixed name: Horovod names it by type otherwise (None != dict)
-            checks = hvd.broadcast_object(checks, root_rank=0, name="data.check")
+    # every image checked once (shared by the ranks), before any rank decodes one
+    checks = None if synthetic else agreed_check(cfg, hvd, agree, index_data)
     return agree(hvd, lambda: setup_run(cfg, resume=resume, synthetic=synthetic,
                                         world_size=hvd.size(), rank=hvd.rank(),
                                         local_rank=hvd.local_rank(), checks=checks))

@@ -1,16 +1,21 @@
 """Unusable image files in a training run on 2 real ranks at the batch size where DALI crashed
 (issue 15: per-rank batches of 32): named in one error before any rank decodes, or skipped and
 counted with ``data.skip_bad_files``, the global batch staying the schedule's."""
+import json
 import shutil
 
 import numpy as np
 import pytest
 
+from hvd_largebatch.data import FileIndex
+from hvd_largebatch.data.check import cache_path, default_cache_dir
 from hvd_largebatch.training.metrics import read_metrics
 from launch import CLI, run_ranks
 from test_train import config, digits, final_state, write_config  # noqa: F401
 
 pytestmark = pytest.mark.multiprocess
+#: why each of the 3 broken training files is unusable
+REASONS = ("not an image DALI decodes", "empty file", "PNG: OSError: image file is truncated")
 
 
 @pytest.fixture
@@ -62,3 +67,11 @@ def test_skipped_files_are_named_and_counted_and_batches_stay_full(broken_digits
     state = final_state(tmp_path / "out")
     assert state["sampler"]["num_samples"] == 1435 and state["schedule"]["dataset_size"] == 1435
     assert "skipping sample" not in proc.stdout  # nothing left for the loader to drop
+    # the two ranks checked alternate files (the 3 bad ones are consecutive samples); rank 0
+    # cached the merged result, which the next run reads instead of the files
+    index = FileIndex.from_folder(str(root / "train"))
+    with open(cache_path(index, default_cache_dir())) as f:
+        cached = json.load(f)
+    assert cached["files"] == 1438 and len(cached["bad"]) == 3
+    for name, why in zip(bad, REASONS):
+        assert sum(r.startswith(f"{name}: ") and why in r for r in cached["bad"].values()) == 1
