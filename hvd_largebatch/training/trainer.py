@@ -12,7 +12,8 @@ Per iteration ``s`` of epoch ``e`` (``point = schedule.at(e, s)``):
   the exact mean gradient of the global batch, also for uneven micro-batches or a partial last
   batch; an empty micro-batch (a partial last batch smaller than the rank count) contributes a
   zero gradient so that every rank takes part in the allreduce;
-* one optimizer step (``updates`` += 1).
+* one optimizer step (``updates`` += 1); with ``train.bn_group`` (ghost BN) one update of the BN
+  running statistics from the groups of all ranks (one allreduce).
 
 Phases may change the batch (and the micro-batch count) at any iteration, also mid-epoch: the
 loader of the new micro-batch count continues from the sampler's position.
