@@ -19,6 +19,12 @@ Initialisation (Goyal et al. section 5.1): convolutions He-normal with fan_out (
 except the last BN of every residual block of ``resnet50`` and ``small_resnet``, whose gamma
 starts at 0 (``zero_init_residual``) so that every block starts as the identity. Pre-activation
 blocks (``wrn``) have no BN after their last convolution, hence no zero-gamma.
+
+Ghost batch norm (:func:`use_ghost_batch_norm`, ``train.bn_group``): every ``BatchNorm2d``
+normalizes each fixed group of ``group`` consecutive samples with that group's statistics, so
+that a sample's output depends only on its group, not on the per-rank or micro-batch size: the
+same global batch gives the same activations on any world size (Goyal et al. keep n = 32
+samples per BN for this reason).
 """
 from __future__ import annotations
 
@@ -312,6 +318,89 @@ def _torchvision_model(name: str, num_classes: int, options: dict) -> nn.Module:
         return builder(num_classes=num_classes, **options)
     except TypeError as e:
         raise ConfigError("model.options", f"torchvision.{name}: {e}") from e
+
+
+class GhostBatchNorm2d(nn.BatchNorm2d):
+    """``BatchNorm2d`` whose training-mode statistics are those of each group of ``group``
+    consecutive samples (the batch must hold a multiple of ``group`` samples).
+
+    Each group is normalized with its own mean and biased variance over (samples, H, W), then
+    scaled by gamma and shifted by beta. The running statistics do not move in ``forward``: each
+    forward adds its groups' means and unbiased variances to a pending sum, and
+    :func:`ghost_bn_statistics` / :func:`apply_ghost_bn_statistics` (called once per optimizer
+    step, with the sums added over ranks in between) move them by one momentum update towards
+    the mean over all groups of the global batch. So they are the same on every rank and on any
+    world size and micro-batching (up to summation order). Evaluation mode is plain
+    ``BatchNorm2d``; parameters, buffers and ``state_dict`` keys are those of ``BatchNorm2d``.
+    """
+
+    group: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        if n % self.group:
+            raise ValueError(f"ghost batch norm: a batch of {n} samples is not a multiple of the "
+                             f"group of {self.group} (train.bn_group)")
+        xg = x.reshape(n // self.group, self.group, c, h * w).float()  # fp32 statistics
+        var, mean = torch.var_mean(xg, dim=(1, 3), correction=0, keepdim=True)
+        y = ((xg - mean) * torch.rsqrt(var + self.eps)).reshape(n, c, h, w)
+        if self.affine:
+            y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
+        y = y.to(x.dtype)
+        if self.track_running_stats:
+            with torch.no_grad():
+                count = self.group * h * w
+                unbiased = var.flatten(1).sum(0) * (count / max(count - 1, 1))
+                pending = torch.cat([mean.flatten(1).sum(0), unbiased,
+                                     mean.new_full((1,), n // self.group)])
+                old = getattr(self, "_pending", None)
+                self._pending = pending if old is None else old + pending
+        return y
+
+
+def ghost_bn_statistics(model: nn.Module) -> torch.Tensor | None:
+    """The pending group statistics of every ``GhostBatchNorm2d`` of ``model`` as one fp32
+    vector (per layer: sum of group means [C], sum of unbiased group variances [C], number of
+    groups [1]); None when no layer has any. Sum it over ranks, then
+    :func:`apply_ghost_bn_statistics`."""
+    parts = [m._pending.float() for m in model.modules()
+             if isinstance(m, GhostBatchNorm2d) and getattr(m, "_pending", None) is not None]
+    return torch.cat(parts) if parts else None
+
+
+def apply_ghost_bn_statistics(model: nn.Module, pending: torch.Tensor) -> None:
+    """One momentum update of every ghost BN layer's running statistics towards the mean over
+    the groups in ``pending`` (from :func:`ghost_bn_statistics`, summed over ranks)."""
+    offset = 0
+    with torch.no_grad():
+        for m in model.modules():
+            if not isinstance(m, GhostBatchNorm2d) or getattr(m, "_pending", None) is None:
+                continue
+            c = m.num_features
+            part = pending[offset:offset + 2 * c + 1].to(m.running_mean.dtype)
+            offset += 2 * c + 1
+            m.num_batches_tracked += 1
+            f = m.momentum if m.momentum is not None else 1.0 / float(m.num_batches_tracked)
+            groups = part[2 * c]
+            m.running_mean.mul_(1 - f).add_(part[:c] / groups, alpha=f)
+            m.running_var.mul_(1 - f).add_(part[c:2 * c] / groups, alpha=f)
+            m._pending = None
+
+
+def use_ghost_batch_norm(model: nn.Module, group: int) -> int:
+    """Turn every ``BatchNorm2d`` of ``model`` into a :class:`GhostBatchNorm2d` of ``group``
+    samples, in place (same parameters and buffers); return how many were turned."""
+    if group < 1:
+        raise ConfigError("train.bn_group", f"must be >= 1, got {group}")
+    count = 0
+    for m in model.modules():
+        if type(m) in (nn.BatchNorm2d, GhostBatchNorm2d):
+            m.__class__ = GhostBatchNorm2d
+            m.group = int(group)
+            count += 1
+    return count
 
 
 def count_parameters(model: nn.Module) -> int:

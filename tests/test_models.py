@@ -148,3 +148,84 @@ def test_torchvision_models_need_torchvision(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision.models", None)
     with pytest.raises(ConfigError, match=r"^model\.name: torchvision\.resnet18 needs a working torchvision"):
         build_model("torchvision.resnet18", 10)
+
+
+# -- ghost batch norm -------------------------------------------------------------------------
+def ghost_pair(group=4, channels=3):
+    from hvd_largebatch.models import use_ghost_batch_norm
+
+    torch.manual_seed(0)
+    plain = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        plain.weight.uniform_(0.5, 1.5)
+        plain.bias.uniform_(-1, 1)
+    ghost = nn.Sequential(nn.BatchNorm2d(channels))
+    ghost[0].load_state_dict(plain.state_dict())
+    assert use_ghost_batch_norm(ghost, group) == 1
+    return plain, ghost
+
+
+def test_ghost_batch_norm_is_plain_batch_norm_per_group():
+    from hvd_largebatch.models import apply_ghost_bn_statistics, ghost_bn_statistics
+
+    plain, ghost = ghost_pair()
+    x = (torch.randn(12, 3, 5, 5) * 3 + 1).requires_grad_()
+    y = ghost(x)
+    # reference: a fresh BatchNorm2d (same gamma / beta) on each group of 4 samples
+    refs = [nn.BatchNorm2d(3) for _ in range(3)]
+    for r in refs:
+        r.load_state_dict(plain.state_dict())
+    xr = x.detach().clone().requires_grad_()
+    yr = torch.cat([r(xr[4 * g:4 * g + 4]) for g, r in enumerate(refs)])
+    torch.testing.assert_close(y, yr, rtol=0, atol=2e-6)
+    w = torch.randn_like(y)
+    (y * w).sum().backward()
+    (yr * w).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=0, atol=2e-5)
+    torch.testing.assert_close(ghost[0].weight.grad, sum(r.weight.grad for r in refs), rtol=1e-5, atol=1e-5)
+    # running statistics move only when applied: one update towards the mean over the groups
+    assert torch.equal(ghost[0].running_mean, torch.zeros(3))
+    apply_ghost_bn_statistics(ghost, ghost_bn_statistics(ghost))
+    m = ghost[0].momentum
+    mean = sum(r.running_mean for r in refs) / 3  # each ref did one update from zeros: m * mean_g
+    var = sum(r.running_var for r in refs) / 3
+    torch.testing.assert_close(ghost[0].running_mean, mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ghost[0].running_var, var, rtol=1e-6, atol=1e-7)
+    assert ghost[0].num_batches_tracked.item() == 1 and ghost_bn_statistics(ghost) is None
+    assert m == 0.1
+
+
+def test_ghost_batch_norm_statistics_do_not_depend_on_the_split():
+    from hvd_largebatch.models import apply_ghost_bn_statistics, ghost_bn_statistics
+
+    _, whole = ghost_pair()
+    _, split = ghost_pair()
+    x = torch.randn(24, 3, 4, 4)
+    y_whole = whole(x)
+    parts = [split(x[:8]), split(x[8:12])]  # micro-batches of one "rank"...
+    other = ghost_pair()[1]
+    parts.append(other(x[12:]))  # ...and another rank
+    assert torch.equal(torch.cat(parts), y_whole)  # same groups, same outputs
+    summed = ghost_bn_statistics(split) + ghost_bn_statistics(other)  # the allreduce
+    apply_ghost_bn_statistics(split, summed)
+    apply_ghost_bn_statistics(whole, ghost_bn_statistics(whole))
+    torch.testing.assert_close(split[0].running_mean, whole[0].running_mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(split[0].running_var, whole[0].running_var, rtol=1e-6, atol=1e-7)
+
+
+def test_ghost_batch_norm_eval_and_errors():
+    plain, ghost = ghost_pair()
+    with torch.no_grad():
+        for bn in (plain, ghost[0]):
+            bn.running_mean.fill_(0.5)
+            bn.running_var.fill_(2.0)
+    plain.eval(), ghost.eval()
+    x = torch.randn(5, 3, 4, 4)  # any batch in evaluation
+    assert torch.equal(ghost(x), plain(x))
+    ghost.train()
+    with pytest.raises(ValueError, match="not a multiple of the group of 4"):
+        ghost(x)
+    from hvd_largebatch.models import use_ghost_batch_norm
+
+    with pytest.raises(ConfigError, match="train.bn_group"):
+        use_ghost_batch_norm(ghost, 0)

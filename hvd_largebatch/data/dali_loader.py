@@ -4,11 +4,23 @@ The loader reads the files of each micro-batch itself (in the DALI ``external_so
 in iteration order), so it always knows which samples every DALI output holds: labels come
 straight from the index, and a failure is attributed to a file.
 
+Training augmentation is drawn here, on the host, per sample: ``hvd_largebatch.data.augment``
+gives each sample's crop window and flip from (seed, epoch, sample index) and the image size
+read from its header, and the pipeline decodes exactly that window. So the pixels of a sample do
+not depend on the rank, the world size, the micro-batching, DALI's seed or the batches produced
+before: the global batch of every iteration is bitwise the same on any world size and after a
+resume.
+
+These checks are the last line: a training run first checks every file once
+(``hvd_largebatch.data.check``, ``data.check_files``) and leaves unusable ones out of the index
+before any rank decodes anything.
+
 Bad input (``DataError``, raised in the reading rank; the trainer turns it into a job abort so
 that the other ranks do not wait forever in their next allreduce):
 
-* a missing, unreadable or empty file: ``DataError`` naming it, raised while reading ahead (up to
-  ``prefetch_depth`` micro-batches before the one that holds it is due);
+* a missing, unreadable or empty file, or one whose image header Pillow cannot parse (training
+  reads every header on the host to draw the crop window): ``DataError`` naming it, raised while
+  reading ahead (up to ``prefetch_depth`` micro-batches before the one that holds it is due);
 * an image DALI cannot decode: DALI reports the batch; the loader re-checks the batch's files
   with Pillow and raises ``DataError`` naming the corrupt one(s).
 
@@ -41,6 +53,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from hvd_largebatch.data.augment import training_augmentation
+from hvd_largebatch.data.check import image_size
 from hvd_largebatch.data.sampler import GlobalSampler
 from hvd_largebatch.data.sources import FileIndex
 from hvd_largebatch.data.step_loader import TORCH_DTYPES, StepLoader, WorkItem
@@ -112,7 +126,8 @@ class DaliLoader(StepLoader):
         num_threads: DALI worker threads (default: the cores this process may use, at most 4).
         micro_batches: micro-batches per iteration (gradient accumulation).
         prefetch_depth: micro-batches DALI prepares ahead of the consumer.
-        seed: seeds the augmentations (combined with the rank, so ranks differ).
+        seed: the augmentation seed: each training sample's crop window and flip are a pure
+            function of (seed, epoch, sample index), the same on every rank and world size.
         skip_bad_files: drop unreadable / undecodable samples instead of raising DataError.
 
     The pipeline is built once for the largest micro-batch of the schedule and fed smaller or
@@ -142,7 +157,7 @@ class DaliLoader(StepLoader):
         self.prefetch_depth = int(prefetch_depth)
         self.skip_bad_files = bool(skip_bad_files)
         self.skipped: dict[int, str] = {}
-        self._seed = (int(seed) * 1_000_003 + sampler.rank) % (2**31)
+        self.seed = int(seed)
         self._items: Iterator[WorkItem] | None = None
         self._pending: deque[WorkItem] = deque()  # handed to DALI, output not yet taken
         self._refeed: deque[WorkItem] = deque()  # to hand to DALI again after a rebuild
@@ -168,32 +183,55 @@ class DaliLoader(StepLoader):
 
         return build_pipeline(_weak_source(self), self.transform, train=self.train,
                               batch_size=self.max_micro_batch(), device_id=self.device_id,
-                              num_threads=self.num_threads, seed=self._seed,
+                              num_threads=self.num_threads, seed=self.seed % 2**31,
                               prefetch_depth=self.prefetch_depth)
 
-    def _next_encoded(self) -> list[np.ndarray]:
-        """external_source callback: the encoded files of the next non-empty micro-batch.
+    def _next_encoded(self):
+        """external_source callback: the encoded files of the next non-empty micro-batch (and,
+        for training, their crop windows and flips: ``hvd_largebatch.data.augment``).
 
         DALI refuses empty batches, so micro-batches left with no sample (a partial last batch
         on more ranks than samples, or every sample skipped) are queued without a DALI run."""
         while True:
             item = self._refeed.popleft() if self._refeed else next(self._items)
-            encoded, kept = [], []
+            encoded, kept, sizes = [], [], []
             for i in item.indices:
                 i = int(i)
                 if i in self.skipped:
                     continue
                 try:
-                    encoded.append(self.index.read(i))
+                    data = self.index.read(i)
+                    if self.train:
+                        sizes.append(self._image_size(i, data))
                 except DataError as e:
                     if not self.skip_bad_files:
                         raise
                     self._skip(i, str(e))
                     continue
+                encoded.append(data)
                 kept.append(i)
             self._pending.append(item._replace(indices=np.asarray(kept, dtype=np.int64)))
-            if encoded:
+            if not encoded:
+                continue
+            if not self.train:
                 return encoded
+            t = self.transform
+            width, height = np.asarray(sizes, dtype=np.int64).reshape(-1, 2).T
+            aug = training_augmentation(self.seed, item.epoch, np.asarray(kept), width, height,
+                                        t.scale, t.ratio, t.flip)
+            anchors = [np.array(a, dtype=np.int32) for a in zip(aug.left, aug.top)]
+            shapes = [np.array(a, dtype=np.int32) for a in zip(aug.width, aug.height)]
+            mirrors = [np.array(f, dtype=np.int32) for f in aug.flip]
+            return encoded, anchors, shapes, mirrors
+
+    def _image_size(self, i: int, data: np.ndarray) -> tuple[int, int]:
+        """(width, height) of sample ``i`` from its header; DataError naming the file when the
+        header cannot be parsed."""
+        try:
+            return image_size(data)
+        except Exception as e:  # noqa: BLE001 - Pillow's header parsers raise various errors
+            raise DataError(f"{self.index.path(i)}: cannot decode sample {i} of "
+                            f"{self.index.source} (its header: {type(e).__name__}: {e})") from e
 
     def _skip(self, i: int, reason: str) -> None:
         self.skipped[i] = reason

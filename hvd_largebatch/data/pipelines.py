@@ -4,6 +4,15 @@ The encoded bytes come from an ``external_source`` callback in batch mode, so ev
 carry a different number of samples, up to the ``batch_size`` the pipeline is built for (the
 largest per-rank micro-batch of the schedule): a batch-size change needs no rebuild.
 
+Training: the crop window (pixels) and the horizontal flip of every sample are drawn on the host
+(``hvd_largebatch.data.augment``) and come in through the same ``external_source`` as per-sample
+inputs: ``decoders.image_slice`` decodes the window (anchor and shape as its positional inputs,
+so a JPEG decoder may skip what lies outside it), ``resize`` scales it to the crop size and
+``crop_mirror_normalize`` mirrors it when its per-sample ``mirror`` input says so. No operator
+draws random numbers. EXIF orientation is not applied (``adjust_orientation=False``, in
+validation too), as Pillow's ``Image.open`` does not, so the host-side image sizes are those the
+decoder sees.
+
 ``device_id=None`` builds a CPU-only pipeline (libjpeg-turbo decoding, CPU resize); an integer
 builds the GPU variant, which differs only in the decoder running as ``mixed`` (nvJPEG through
 nvImageCodec), after which DALI places the remaining operators on that GPU.
@@ -40,10 +49,14 @@ def build_pipeline(source: Callable[[], list], transform: ImageTransform, *, tra
     """Define, build (unless ``build=False``) and return the training or validation pipeline.
 
     Args:
-        source: called once per iteration, returns a list of uint8 arrays (encoded files), at
-            most ``batch_size`` of them; raising StopIteration ends the epoch.
+        source: called once per iteration; raising StopIteration ends the epoch. Validation:
+            returns a list of uint8 arrays (encoded files), at most ``batch_size`` of them.
+            Training: returns four such lists, the encoded files, the crop windows' (left, top)
+            and (width, height) in pixels (int32 pairs) and the horizontal flips (int32 0 / 1
+            scalars), all drawn on the host (``hvd_largebatch.data.augment``).
         batch_size: the largest per-rank batch the pipeline will be fed.
-        seed: seeds DALI's augmentation random numbers (crop windows, flips).
+        seed: DALI's seed (no operator of these pipelines draws random numbers: the
+            augmentation comes in through ``source``).
         prefetch_depth: iterations DALI runs ahead of the consumer.
         build: False returns the defined graph without building it (no device needed).
     """
@@ -54,19 +67,22 @@ def build_pipeline(source: Callable[[], list], transform: ImageTransform, *, tra
                                                            "jpeg_fancy_upsampling": True}
     size = transform.crop_size
     with pipe:
-        encoded = fn.external_source(source=source, batch=True, dtype=types.UINT8, ndim=1,
-                                     name="encoded")
         if train:
-            images = fn.decoders.image_random_crop(
-                encoded, **decoder, output_type=types.RGB,
-                random_area=list(transform.scale), random_aspect_ratio=list(transform.ratio),
-                num_attempts=10)
+            # per-sample crop window (x, y) / (w, h) in pixels and flip, drawn on the host
+            encoded, anchor, shape, mirror = fn.external_source(
+                source=source, num_outputs=4, batch=True,
+                dtype=[types.UINT8, types.INT32, types.INT32, types.INT32], ndim=[1, 1, 1, 0])
+            images = fn.decoders.image_slice(encoded, anchor, shape, **decoder,
+                                             output_type=types.RGB, axis_names="WH",
+                                             adjust_orientation=False)
             images = fn.resize(images, resize_x=size, resize_y=size,
                                antialias=transform.train_antialias)
-            mirror = fn.random.coin_flip(probability=0.5) if transform.flip else 0
             crop = {}
         else:
-            images = fn.decoders.image(encoded, **decoder, output_type=types.RGB)
+            encoded = fn.external_source(source=source, batch=True, dtype=types.UINT8, ndim=1,
+                                         name="encoded")
+            images = fn.decoders.image(encoded, **decoder, output_type=types.RGB,
+                                       adjust_orientation=False)
             images = fn.resize(images, resize_shorter=transform.resize_shorter, antialias=True)
             mirror = 0
             crop = {"crop": (size, size), "crop_pos_x": 0.5, "crop_pos_y": 0.5}

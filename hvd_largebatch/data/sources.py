@@ -101,6 +101,12 @@ class FileIndex:
         h.update(self.labels.astype("<i8").tobytes())
         h.update("\n".join(self.classes or ()).encode("utf-8"))
         return h.hexdigest()
+    def subset(self, keep: np.ndarray) -> "FileIndex":
+        """A new index of the samples ``keep`` (ascending sample indices), same root, classes
+        and source; sample ``j`` of the result is sample ``keep[j]`` here."""
+        keep = np.asarray(keep, dtype=np.int64)
+        return FileIndex(self.root, [self.rel_path(int(i)) for i in keep], self.labels[keep],
+                         self.classes, self.source)
 
     def check_labels(self, num_classes: int) -> None:
         """DataError naming the first file whose label is outside ``[0, num_classes)``."""

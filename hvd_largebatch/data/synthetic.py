@@ -12,12 +12,17 @@ from hvd_largebatch.data.step_loader import TORCH_DTYPES, StepLoader
 from hvd_largebatch.errors import ConfigError
 
 
+#: distinct random images a synthetic loader holds; sample i shows image ``i % POOL``
+POOL = 64
+
+
 class SyntheticLoader(StepLoader):
     """Yields ``(images, labels)`` per micro-batch without touching any file.
 
-    ``images`` are the first ``n`` rows of one random N(0, 1) tensor made once at the largest
-    micro-batch size (a view: do not modify it in place); ``labels`` are ``index % num_classes``
-    of the samples the sampler chose, int64. Both live on ``device``.
+    Sample ``i`` is image ``i % POOL`` of ``POOL`` random N(0, 1) images made once from ``seed``
+    and labelled ``i % num_classes`` (int64): a pure function of (seed, sample index), so the
+    global batch of every iteration holds the same tensors on any world size and after a
+    resume. Both live on ``device``; each batch is a new tensor (a gather from the pool).
     """
 
     def __init__(self, sampler: GlobalSampler, *, image_shape: tuple[int, int, int] = (3, 224, 224),
@@ -28,13 +33,14 @@ class SyntheticLoader(StepLoader):
             raise ConfigError("data.dtype", f"must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
         if num_classes < 1:
             raise ConfigError("model.num_classes", f"must be >= 1, got {num_classes}")
-        generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + sampler.rank)
-        images = torch.randn((self.max_micro_batch(), *image_shape), generator=generator)
+        generator = torch.Generator().manual_seed(int(seed))
+        images = torch.randn((POOL, *image_shape), generator=generator)
         self.device = torch.device(device)
         self.num_classes = int(num_classes)
         self._images = images.to(device=self.device, dtype=TORCH_DTYPES[dtype])
 
     def _produce(self, items):
         for item in items:
+            rows = torch.from_numpy(item.indices % POOL).to(self.device)
             labels = torch.from_numpy(item.indices % self.num_classes).to(self.device)
-            yield item, (self._images[:len(item.indices)], labels)
+            yield item, (self._images.index_select(0, rows), labels)

@@ -28,7 +28,10 @@ the ``schedule`` section has a default::
       flip: true                # training horizontal flips
       workers: 4                # DALI CPU threads per rank
       prefetch: 2               # micro-batches DALI prepares ahead
-      skip_bad_files: false     # drop unreadable images instead of stopping with DataError
+      skip_bad_files: false     # drop unusable images (named and counted in the log) instead
+                                # of stopping with DataError
+      check_files: true         # read and decode every file once before its first use (cached
+                                # by the index's fingerprint; see hvd_largebatch.data.check)
       num_classes: null         # synthetic: classes (default 1000)
       num_samples: null         # synthetic: training samples (default schedule.dataset_size)
       val_samples: null         # synthetic: validation samples (default 50,000)
@@ -68,6 +71,12 @@ the ``schedule`` section has a default::
                                 # non-finite gradients (0: never stop; see trainer.py)
       stall_timeout_s: 300      # seconds without progress (an iteration, a collective, a
                                 # checkpoint) before a rank ends the job (exit 4; 0: off)
+      bn_group: null            # ghost batch norm: BN statistics over fixed groups of this many
+                                # samples, whatever the world size and micro-batching (per-rank
+                                # micro-batches must be multiples of it; needs drop_last)
+      deterministic: false      # also torch.use_deterministic_algorithms(True), cuDNN's
+                                # deterministic non-benchmark mode on a GPU, and no Horovod tensor
+                                # fusion (a fixed reduction order on 3 or more ranks)
     output:
       dir: runs/default         # metrics.csv, events (TensorBoard), checkpoint.pt, plots
       tensorboard: true
@@ -128,6 +137,7 @@ class DataConfig:
     workers: int = 4
     prefetch: int = 2
     skip_bad_files: bool = False
+    check_files: bool = True
     num_classes: int | None = None
     num_samples: int | None = None
     val_samples: int | None = None
@@ -162,6 +172,8 @@ class TrainConfig:
     average_bn_stats: bool = True
     max_skipped_steps: int = 20
     stall_timeout_s: float = 300.0
+    bn_group: int | None = None
+    deterministic: bool = False
 
 
 @dataclass(frozen=True)
@@ -450,6 +462,11 @@ def _check_values(cfg: Config) -> None:
     if t.cuda_graph != "none" and t.device == "cpu":
         raise ConfigError("train.cuda_graph", "captures CUDA work: it needs train.device cuda or "
                           "auto on a GPU")
+    if t.bn_group is not None:
+        _at_least("train.bn_group", t.bn_group, 1)
+        if t.bn_group > t.max_per_rank_batch:
+            raise ConfigError("train.bn_group", f"{t.bn_group} is larger than "
+                              f"train.max_per_rank_batch {t.max_per_rank_batch}")
     if not cfg.output.dir:
         raise ConfigError("output.dir", "must not be empty")
 

@@ -36,7 +36,7 @@ from hvd_largebatch.errors import ConfigError
 from hvd_largebatch.training.agreement import check_agreement, describe_config
 from hvd_largebatch.training.config import Config
 from hvd_largebatch.training.process import horovod_stall_settings, set_torch_threads
-from hvd_largebatch.training.setup import agreed_run
+from hvd_largebatch.training.setup import agreed_run, horovod_environment
 from hvd_largebatch.training.trainer import Trainer
 from hvd_largebatch.training.watchdog import Watchdog
 
@@ -68,6 +68,7 @@ def train_elastic(cfg: Config, *, resume: str | None = None, synthetic: bool = F
     where workers that join later take part in it too."""
     check_elastic(cfg)
     horovod_stall_settings(cfg.train.stall_timeout_s)
+    horovod_environment(cfg)
     hvd.init()
     set_torch_threads(hvd.local_size(), log=hvd.rank() == 0)
     watchdog = Watchdog(cfg.train.stall_timeout_s, hvd.rank()).start()

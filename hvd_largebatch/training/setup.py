@@ -3,6 +3,9 @@ from it.
 
 The line, run on every rank by :func:`agreed_run` (the only collective here):
 
+0. **image check** (``data_check.agreed_check``, collective: the ranks share the files, or rank
+   0 reads the cached result): every image read and decoded once, unusable ones named (error)
+   or left out of the indexes;
 1. **data index** (:func:`index_data`): the training and validation sets of ``data:``
    (sizes, class count), or ``--synthetic``'s rehearsal of the job (:func:`rehearsal_schedule`,
    :func:`rehearsal_config`);
@@ -72,6 +75,7 @@ curve shapes, Nesterov, ``drop_last``, micro-batch cap, checkpointing, logging -
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import traceback
@@ -85,11 +89,12 @@ from hvd_largebatch.data import (CIFAR10_MEAN, CIFAR10_STD, DIGITS_MEAN, DIGITS_
                                  IMAGENET_STD, FileIndex, GlobalSampler, ImageTransform, StepLoader)
 from hvd_largebatch.errors import ConfigError, DataError, DistributedMismatchError
 from hvd_largebatch.lars import DynamicLossScale, FusedLARS, param_groups
-from hvd_largebatch.models import build_model
+from hvd_largebatch.models import build_model, use_ghost_batch_norm
 from hvd_largebatch.schedules import Schedule, accumulation_steps
 from hvd_largebatch.training.agreement import check_agreement, describe_data
 from hvd_largebatch.training.checkpoint import (check_model_matches, check_output_dir,
                                                 load_checkpoint, resolve_resume, resume_changes)
+from hvd_largebatch.training.data_check import agreed_check, drop_unusable
 from hvd_largebatch.training.config import (DEFAULT_DIGITS_PATH, SYNTHETIC_CLASSES,
                                             SYNTHETIC_VAL_SAMPLES, Config, DataConfig,
                                             build_schedule, stated_dataset_size)
@@ -175,30 +180,52 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
-def micro_batch_plan(schedule: Schedule, world_size: int, max_per_rank_batch: int) -> tuple[int, ...]:
+def micro_batch_plan(schedule: Schedule, world_size: int, max_per_rank_batch: int,
+                     bn_group: int | None = None) -> tuple[int, ...]:
     """Micro-batches per iteration for every phase; ConfigError naming the phase when its global
-    batch does not divide by ``world_size``."""
+    batch does not divide by ``world_size``. With ``bn_group`` (ghost BN) every per-rank
+    micro-batch is a multiple of ``bn_group`` samples, else ConfigError naming train.bn_group."""
     schedule.validate(world_size)
-    return tuple(accumulation_steps(p.global_batch // world_size, max_per_rank_batch)
-                 for p in schedule.phases)
+    if bn_group is None:
+        return tuple(accumulation_steps(p.global_batch // world_size, max_per_rank_batch)
+                     for p in schedule.phases)
+    if not schedule.drop_last:
+        raise ConfigError("train.bn_group", "needs schedule.drop_last: true (a partial last "
+                          "batch cannot be cut into whole BN groups)")
+    plan = []
+    for k, p in enumerate(schedule.phases):
+        per_rank = p.global_batch // world_size
+        if per_rank % bn_group:
+            raise ConfigError("train.bn_group", f"phase {k}: the per-rank batch of {per_rank} "
+                              f"samples (global batch {p.global_batch} / {world_size} ranks) is "
+                              f"not a multiple of {bn_group}")
+        plan.append(accumulation_steps(per_rank // bn_group, max_per_rank_batch // bn_group))
+    return tuple(plan)
 
 
 def setup_run(cfg: Config, *, resume: str | None, synthetic: bool, world_size: int, rank: int,
-              local_rank: int, local_size: int = 1, overwrite: bool = False) -> Run:
+              local_rank: int, local_size: int = 1, overwrite: bool = False,
+              checks: dict | None = None) -> Run:
     """Build and check the run on this rank (no collective; see the module docstring).
     ``overwrite``: a fresh start may replace a checkpoint in ``output.dir`` (checked on rank 0,
-    the rank that writes, with the folder's writability)."""
+    the rank that writes, with the folder's writability). ``checks``: the image check's results
+    (``data_check.check_run_data``), whose unusable files are left out of the indexes."""
     if synthetic:
         cfg, schedule, data = _rehearsal(cfg, world_size)
     else:
-        data = index_data(cfg, stated_dataset_size(cfg), check_share=(local_rank, local_size))
+        data = index_data(cfg, stated_dataset_size(cfg), checks,
+                          check_share=(local_rank, local_size))
         schedule = build_schedule(cfg, data.num_train)
+    if cfg.train.deterministic:
+        deterministic_algorithms()
     device = resolve_device(cfg.train.device, local_rank)
     if cfg.train.cuda_graph != "none" and device.type != "cuda":
         raise ConfigError("train.cuda_graph", f"captures CUDA work, but this rank runs on {device}")
-    micro = micro_batch_plan(schedule, world_size, cfg.train.max_per_rank_batch)
+    micro = micro_batch_plan(schedule, world_size, cfg.train.max_per_rank_batch, cfg.train.bn_group)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, data.num_classes, cfg.model.options)
+    if cfg.train.bn_group is not None:
+        use_ghost_batch_norm(model, cfg.train.bn_group)
     model = model.to(memory_format=memory_format(cfg, device))
     sampler = GlobalSampler(schedule.dataset_size, schedule, world_size, rank,
                             seed=cfg.train.seed, drop_last=schedule.drop_last)
@@ -242,10 +269,13 @@ def agreed_run(cfg: Config, hvd, *, resume: str | None, synthetic: bool,
     their data sets or resume points differ (``training/agreement.py``)."""
     if cfg.data.source == "digits" and not synthetic:
         agree(hvd, lambda: prepare_digits(cfg.data) if hvd.rank() == 0 else None, "writing digits")
+    # every image checked once (shared by the ranks), before any rank decodes one
+    share = functools.partial(index_data, check_share=(hvd.local_rank(), hvd.local_size()))
+    checks = None if synthetic else agreed_check(cfg, hvd, agree, share)
     run = agree(hvd, lambda: setup_run(cfg, resume=resume, synthetic=synthetic,
                                        world_size=hvd.size(), rank=hvd.rank(),
                                        local_rank=hvd.local_rank(), local_size=hvd.local_size(),
-                                       overwrite=overwrite))
+                                       overwrite=overwrite, checks=checks))
     check_agreement(hvd, describe_run(run), "data and resume point")
     return run
 
@@ -262,6 +292,24 @@ def describe_run(run: Run) -> dict:
     out["resume point (epoch, iteration, updates)"] = [state.get("epoch", 0), state.get("step", 0),
                                                        state.get("updates", 0)]
     return out
+
+
+def horovod_environment(cfg: Config) -> None:
+    """Settings Horovod reads at ``hvd.init()`` (call before it): with ``train.deterministic``,
+    no tensor fusion (``HOROVOD_FUSION_THRESHOLD=0`` unless set), because which gradients share
+    a fusion buffer depends on timing, and with it the order in which a ring allreduce adds an
+    element's values on 3 or more ranks."""
+    if cfg.train.deterministic:
+        os.environ.setdefault("HOROVOD_FUSION_THRESHOLD", "0")
+
+
+def deterministic_algorithms() -> None:
+    """``train.deterministic``: torch's deterministic algorithms (an error on an operation that
+    has none), cuDNN deterministic and not benchmarking, cuBLAS with a fixed workspace."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 # -- 1. data index (and the digits set, written on first use) -------------------------------
@@ -291,13 +339,14 @@ def prepare_digits(d: DataConfig) -> None:
         write_digits_folder(data_root(d))
 
 
-def index_data(cfg: Config, schedule_dataset_size: int | None,
+def index_data(cfg: Config, schedule_dataset_size: int | None, checks: dict | None = None,
                check_share: tuple[int, int] = (0, 1)) -> DataSets:
     """Index the training and validation sets; DataError naming the missing folder or file.
 
     ``schedule_dataset_size`` is the size synthetic data takes when ``data.num_samples`` is
-    not set. ``check_share``: (local rank, ranks on this node): the share of a file list's files
-    this rank checks for existence (see ``FileIndex.from_file_list``)."""
+    not set; ``checks`` (the image check's results) leaves the unusable files out.
+    ``check_share``: (local rank, ranks on this node): the share of a file list's files this rank
+    checks for existence (see ``FileIndex.from_file_list``)."""
     d = cfg.data
     if d.source == "synthetic":
         n = d.num_samples or schedule_dataset_size
@@ -322,6 +371,8 @@ def index_data(cfg: Config, schedule_dataset_size: int | None,
         if train.classes != val.classes:
             raise DataError(f"{root}: train/ has classes {_few(train.classes)} but val/ has "
                             f"{_few(val.classes)}; both need the same class folders")
+    if checks is not None:
+        train, val = drop_unusable(train, checks["train"]), drop_unusable(val, checks["val"])
     num_classes = cfg.model.num_classes or max(train.num_classes, val.num_classes)
     train.check_labels(num_classes)
     val.check_labels(num_classes)

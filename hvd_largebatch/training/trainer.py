@@ -12,7 +12,8 @@ Per iteration ``s`` of epoch ``e`` (``point = schedule.at(e, s)``):
   the exact mean gradient of the global batch, also for uneven micro-batches or a partial last
   batch; an empty micro-batch (a partial last batch smaller than the rank count) contributes a
   zero gradient so that every rank takes part in the allreduce;
-* one optimizer step (``updates`` += 1).
+* one optimizer step (``updates`` += 1); with ``train.bn_group`` (ghost BN) one update of the BN
+  running statistics from the groups of all ranks (one allreduce).
 
 Phases may change the batch (and the micro-batch count) at any iteration, also mid-epoch: the
 loader of the new micro-batch count continues from the sampler's position.
@@ -20,11 +21,14 @@ loader of the new micro-batch count continues from the sampler's position.
 At the end of every epoch the model is evaluated on the validation set if due (top-1, top-5 and
 loss, summed over ranks and divided by the sample count) and a checkpoint is written. Extra
 checkpoints are written every ``train.checkpoint_every`` updates and after a ``SIGUSR1`` (sent
-to any rank; honoured at the next ``log_every`` boundary). Before every evaluation and
-checkpoint, BN running statistics are averaged over ranks (``train.average_bn_stats``; BN
-normalizes with per-rank batch statistics while training, as in Goyal et al., so this changes
-no update). ``--resume`` continues at the exact epoch, iteration, phase and data position, on
-any world size that divides the schedule's batches.
+to any rank; honoured at the next ``log_every`` boundary). Before every evaluation BN running
+statistics are averaged over ranks (``train.average_bn_stats``; BN normalizes with per-rank
+batch statistics while training, as in Goyal et al., so this changes no update); a checkpoint
+holds the averaged statistics and, beside them, every rank's own. ``--resume`` continues at the
+exact epoch, iteration, phase and data position, on any world size that divides the schedule's
+batches; on the same world size a run killed at any iteration and resumed ends bit for bit as
+the uninterrupted run (weights, BN buffers, momentum: the augmentation is a function of
+(seed, epoch, sample), each rank gets its BN statistics and RNG state back).
 
 Inputs are float32 tensors; ``train.precision: bf16`` runs forward passes under autocast, ``fp16``
 too, with the loss multiplied by the optimizer's loss scale (unscaled, checked and updated inside
@@ -62,6 +66,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from hvd_largebatch.models import apply_ghost_bn_statistics, ghost_bn_statistics
 from hvd_largebatch.schedules import noise_scale
 from hvd_largebatch.errors import ConfigError
 from hvd_largebatch.training.agreement import check_agreement, describe_config
@@ -70,8 +75,9 @@ from hvd_largebatch.training.config import Config
 from hvd_largebatch.training.cuda_graph import CapturedStep
 from hvd_largebatch.training.metrics import MetricsLogger, ProgressBar
 from hvd_largebatch.training.process import horovod_stall_settings, set_torch_threads
-from hvd_largebatch.training.setup import (Run, agree, agreed_run, build_optimizer, memory_format,
-                                           train_loader, val_loader)
+from hvd_largebatch.training.setup import (Run, agree, agreed_run, build_optimizer,
+                                           horovod_environment, memory_format, train_loader,
+                                           val_loader)
 from hvd_largebatch.training.watchdog import Watchdog
 
 SUMMARY_NAME = "summary.json"
@@ -100,8 +106,9 @@ def train(cfg: Config | Callable[[], Config], *, resume: str | None = None,
     import horovod.torch as hvd
 
     cfg, read = read_config(cfg)
-    if cfg is not None:
+    if cfg is not None:  # (settings Horovod reads at init)
         horovod_stall_settings(cfg.train.stall_timeout_s)
+        horovod_environment(cfg)
     hvd.init()
     set_torch_threads(hvd.local_size(), log=hvd.rank() == 0)
     cfg = agree(hvd, read, "reading the config")
@@ -220,10 +227,17 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         rngs = self.hvd.allgather_object(rng) if self.run.world_size > 1 else [rng]
+        model, bn_local = self.model.state_dict(), None
+        if self._bn_stats_per_rank:
+            # the checkpoint's model holds the averaged statistics; each rank's own go beside
+            # them, so that a resume on the same world size continues bit for bit
+            local = {name: buf.detach().cpu().clone() for name, buf in self._bn_buffers()}
+            bn_local = self.hvd.allgather_object(local)
+            model = {**model, **dict(zip(local, self._averaged_bn_buffers()))}
         return {
             "model_name": self.cfg.model.name, "model_options": dict(self.cfg.model.options),
-            "num_classes": self.run.data.num_classes,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.gathered_state_dict(),
+            "num_classes": self.run.data.num_classes, "bn_local": bn_local,
+            "model": model, "optimizer": self.optimizer.gathered_state_dict(),
             "epoch": self.epoch, "step": self.step, "updates": self.updates,
             "samples": self.samples, "wall_time": self.wall_time,
             "skipped_steps": self.skipped_steps, "sampler": self.sampler.state_dict(),
@@ -243,6 +257,11 @@ class Trainer:
         self.wall_time = state["wall_time"]
         self.skipped_steps = state.get("skipped_steps", 0)  # absent from older checkpoints
         rngs = state["rng"]
+        local = state.get("bn_local")
+        if local is not None and len(local) == self.run.world_size:
+            with torch.no_grad():
+                for name, buf in self._bn_buffers():
+                    buf.copy_(local[self.run.rank][name])
         if len(rngs) == self.run.world_size:
             torch.set_rng_state(rngs[self.run.rank]["cpu"])
             if self.device.type == "cuda" and "cuda" in rngs[self.run.rank]:
@@ -254,7 +273,6 @@ class Trainer:
         """Write ``checkpoint.pt`` (all ranks call this; rank 0 writes). ``Diverged`` instead,
         on every rank, when the weights or BN statistics hold a non-finite value on any rank:
         the previous checkpoint is kept."""
-        self._average_bn_stats()
         self.watch.mark(f"checking the model state for non-finite values at update {self.updates}")
         bad = self._nonfinite_state()
         if bad:
@@ -368,6 +386,9 @@ class Trainer:
         else:
             opt.step_after_exchange(self._captured)
         self._count_skip(opt.last_step_skipped())
+        if self.cfg.train.bn_group is not None:
+            self.watch.mark(f"ghost BN statistics allreduce (bn.ghost) of {where}")
+            self._update_ghost_bn()
         self.step += 1
         self.updates += 1
         self.samples += point.global_batch
@@ -408,10 +429,10 @@ class Trainer:
         if self._loader is None or self._loader_k != k:
             self.watch.mark(f"building the training loader for {k} micro-batches per update")
             self._close_loader()
-            # augmentation seed: differs per loader, identical for identical runs
-            seed = hash((self.cfg.train.seed, self.updates)) % 2**31
+            # augmentation: a function of (train.seed, epoch, sample) only
             self._loader = train_loader(self.cfg, self.run.data, self.sampler, micro_batches=k,
-                                        device=self.device, dtype=_INPUT_DTYPE, seed=seed)
+                                        device=self.device, dtype=_INPUT_DTYPE,
+                                        seed=self.cfg.train.seed)
             self._loader_k = k
         if self._batches is None:
             self._batches = iter(self._loader.epoch(epoch))
@@ -557,15 +578,40 @@ class Trainer:
         loss, top1, top5, n = sums.tolist()
         return {"loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
 
-    def _average_bn_stats(self) -> None:
-        if not self.cfg.train.average_bn_stats or self.run.world_size == 1:
+    def _update_ghost_bn(self) -> None:
+        """Ghost BN: one running-statistics update per step from the groups of all ranks."""
+        pending = ghost_bn_statistics(self.model)
+        if pending is None:
             return
-        buffers = [buf for name, buf in self.model.named_buffers()
-                   if name.endswith(("running_mean", "running_var"))]
-        if buffers:
-            self.watch.mark(f"BN statistics allreduce (bn.stats) after update {self.updates}")
-            averaged = self.hvd.grouped_allreduce(buffers, op=self.hvd.Average, name="bn.stats")
-            for buf, avg in zip(buffers, averaged):
+        if self.run.world_size > 1:  # on the device: no synchronization with the host
+            pending = self.hvd.allreduce(pending, op=self.hvd.Sum, name="bn.ghost")
+        apply_ghost_bn_statistics(self.model, pending)
+
+    @property
+    def _bn_stats_per_rank(self) -> bool:
+        """Whether ranks hold different BN running statistics (averaged before evaluation);
+        ghost BN's are global already."""
+        return (self.cfg.train.average_bn_stats and self.run.world_size > 1
+                and self.cfg.train.bn_group is None)
+
+    def _bn_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        return [(name, buf) for name, buf in self.model.named_buffers()
+                if name.endswith(("running_mean", "running_var"))]
+
+    def _averaged_bn_buffers(self) -> list[torch.Tensor]:
+        """BN running statistics averaged over ranks (new tensors; collective)."""
+        buffers = [buf for _, buf in self._bn_buffers()]
+        if not buffers:
+            return []
+        self.watch.mark(f"BN statistics allreduce (bn.stats) after update {self.updates}")
+        return self.hvd.grouped_allreduce(buffers, op=self.hvd.Average, name="bn.stats")
+
+    def _average_bn_stats(self) -> None:
+        """Replace every rank's BN running statistics with their average (before evaluation)."""
+        if not self._bn_stats_per_rank:
+            return
+        with torch.no_grad():
+            for (_, buf), avg in zip(self._bn_buffers(), self._averaged_bn_buffers()):
                 buf.copy_(avg)
 
     # -- end --------------------------------------------------------------------------------

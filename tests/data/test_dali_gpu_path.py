@@ -20,8 +20,9 @@ REGISTRY = {"cpu": set(dali_backend.RegisteredCPUOps()), "gpu": set(dali_backend
             "mixed": set(dali_backend.RegisteredMixedOps())}
 
 
-def graph_operators(pipe):
-    """(schema name, device, output devices) of every operator of a defined, unbuilt pipeline.
+def graph_operators(pipe, with_inputs=False):
+    """(schema name, device, output devices) of every operator of a defined, unbuilt pipeline
+    (and the input devices, with ``with_inputs``).
 
     DALI has no public API for an unbuilt graph; this reads the Python-side graph that
     ``Pipeline.build`` would hand to the backend (DALI 2.4: ``_build_graph``, ``_ops``)."""
@@ -30,7 +31,8 @@ def graph_operators(pipe):
     for instance in pipe._ops:
         op = instance._op
         schema = getattr(op, "schema_name", None) or type(op).__name__
-        rows.append((schema, op.device, [out.device for out in instance.outputs]))
+        row = (schema, op.device, [out.device for out in instance.outputs])
+        rows.append(row + ([i.device for i in instance._inputs],) if with_inputs else row)
     return rows, [out.device for out in pipe._graph_outputs]
 
 
@@ -46,14 +48,30 @@ def test_gpu_graph_uses_registered_operators_on_their_devices(train):
     for schema, device, _ in ops:
         assert schema in REGISTRY[device], f"{schema} is not a registered {device} operator"
     devices = {schema: device for schema, device, _ in ops}
-    decoder = "decoders__ImageRandomCrop" if train else "decoders__Image"
+    decoder = "decoders__ImageSlice" if train else "decoders__Image"
     assert devices[decoder] == "mixed"
+    assert "decoders__ImageRandomCrop" not in devices and not any("random" in s for s in devices)
     assert devices["ExternalSource"] == "cpu"  # encoded bytes are read on the host
     assert devices["Resize"] == devices["CropMirrorNormalize"] == "gpu"
     for schema, device, out_devices in ops:  # everything after the decoder stays on the GPU
         if device in ("mixed", "gpu"):
             assert out_devices == ["gpu"], schema
     assert outputs == ["gpu"]
+
+
+def test_gpu_training_graph_takes_the_host_drawn_windows_and_flips_on_the_host():
+    # argument inputs of GPU / mixed operators must be CPU data: the crop window (anchor, shape)
+    # of the mixed slice decoder and the per-sample mirror of CropMirrorNormalize come from the
+    # external source on the CPU; the decoder receives them as its 2nd and 3rd inputs
+    pipe = build_pipeline(no_source, ImageTransform(crop_size=16, resize_shorter=20), train=True,
+                          batch_size=4, device_id=0, num_threads=1, seed=0, build=False)
+    ops, _ = graph_operators(pipe, with_inputs=True)
+    inputs = {schema: (device, ins) for schema, device, _, ins in ops}
+    assert inputs["decoders__ImageSlice"] == ("mixed", ["cpu", "cpu", "cpu"])
+    assert inputs["CropMirrorNormalize"] == ("gpu", ["gpu", "cpu"])  # images, mirror
+    assert [s for s, *_ in ops].count("ExternalSource") == 4
+    schema = dali_backend.GetSchema("decoders__ImageSlice")
+    assert {"adjust_orientation", "axis_names", "jpeg_fancy_upsampling"} <= set(schema.GetArgumentNames())
 
 
 def test_cpu_graph_has_no_device_operator():
@@ -77,7 +95,7 @@ def test_gpu_pipeline_fails_only_at_build_without_cuda():
 
 def test_mixed_decoder_takes_fancy_upsampling():
     # the argument the GPU branch passes exists for both decoders in this DALI
-    for schema in ("decoders__Image", "decoders__ImageRandomCrop"):
+    for schema in ("decoders__Image", "decoders__ImageSlice"):
         assert "jpeg_fancy_upsampling" in dali_backend.GetSchema(schema).GetArgumentNames()
 
 

@@ -34,12 +34,15 @@ PHASES = [
 N_TRAIN = 1438  # write_digits_folder's training split
 
 
-def config(digits: str, out: Path, **train) -> dict:
+NO_AUGMENTATION = {"crop_scale": [1.0, 1.0], "crop_ratio": [1.0, 1.0], "flip": False}
+AUGMENTATION = {"crop_scale": [0.3, 1.0], "crop_ratio": [0.75, 1.3333], "flip": True}
+
+
+def config(digits: str, out: Path, augmentation: dict = NO_AUGMENTATION, **train) -> dict:
     return {
         "model": {"name": "small_resnet", "options": {"width": 4}},
-        # no random augmentation: a resumed run must read exactly the same pixels
         "data": {"source": "digits", "path": digits, "image_size": 8, "resize_shorter": 8,
-                 "crop_scale": [1.0, 1.0], "crop_ratio": [1.0, 1.0], "flip": False, "workers": 1},
+                 "workers": 1, **augmentation},
         "schedule": {"name": "test", "phases": PHASES},
         "optimizer": {"name": "lars", "weight_decay": 1.0e-4, "trust_coefficient": 0.02,
                       "shard_optimizer_state": True},
@@ -64,10 +67,10 @@ def digits(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, digits):
-    """An uninterrupted 2-rank run (LARS, sharded optimizer state) with checkpoints every 5
-    updates (shared by several tests)."""
+    """An uninterrupted 2-rank run (LARS, sharded optimizer state, random crops and flips) with
+    checkpoints every 5 updates (shared by several tests)."""
     work = tmp_path_factory.mktemp("ref")
-    cfg = write_config(work / "cfg.yaml", config(digits, work / "out", checkpoint_every=5))
+    cfg = write_config(work / "cfg.yaml", config(digits, work / "out", AUGMENTATION, checkpoint_every=5))
     proc = run_ranks(*CLI, "train", str(cfg), np=2, timeout=180)
     assert proc.returncode == 0, proc.stdout
     (work / "digits_path").write_text(digits)
@@ -139,11 +142,42 @@ def final_state(out: Path) -> dict:
     return load_checkpoint(str(out / CHECKPOINT_NAME))
 
 
+def assert_bit_identical(ours: dict, theirs: dict) -> None:
+    """Every parameter and buffer (BN statistics averaged over ranks, and each rank's own) and
+    every momentum buffer of two checkpoints are bitwise equal."""
+    assert ours["model"].keys() == theirs["model"].keys()
+    for name, tensor in theirs["model"].items():
+        assert torch.equal(ours["model"][name], tensor), name
+    for rank in (0, 1):
+        assert ours["bn_local"][rank].keys() == theirs["bn_local"][rank].keys()
+        for name, tensor in theirs["bn_local"][rank].items():
+            assert torch.equal(ours["bn_local"][rank][name], tensor), (rank, name)
+    assert ours["optimizer"]["state"].keys() == theirs["optimizer"]["state"].keys()
+    for key, state in theirs["optimizer"]["state"].items():
+        assert torch.equal(ours["optimizer"]["state"][key]["momentum_buffer"], state["momentum_buffer"])
+
+
+@pytest.mark.multiprocess
+def test_kill_in_the_last_epoch_and_resume_ends_bit_identical(reference, digits, tmp_path):
+    # the last checkpoint before the kill (after update 33) is the one of update 30, in the
+    # 3-micro-batch phase of epoch 1
+    cfg = write_config(tmp_path / "cfg.yaml",
+                       config(digits, tmp_path / "out", AUGMENTATION, checkpoint_every=5))
+    crashed = run_ranks(MP / "train_crash.py", "33", str(cfg), np=2, timeout=180)
+    assert "killed after update 33" in crashed.stdout and crashed.returncode != 0, crashed.stdout
+    assert final_state(tmp_path / "out")["updates"] == 30
+    resumed = run_ranks(*CLI, "train", str(cfg), "--resume", "auto", np=2, timeout=180)
+    assert resumed.returncode == 0, resumed.stdout
+    assert_bit_identical(final_state(tmp_path / "out"), final_state(reference / "out"))
+
+
 @pytest.mark.multiprocess
 def test_kill_and_resume_equals_the_uninterrupted_run(reference, digits, tmp_path):
     # checkpoints every 5 updates, plus one requested with SIGUSR1 to rank 0 after update 11:
-    # agreed at the next logging row (update 12) and written after it; killed after update 14
-    cfg = write_config(tmp_path / "cfg.yaml", config(digits, tmp_path / "out", checkpoint_every=5))
+    # agreed at the next logging row (update 12) and written after it; killed after update 14.
+    # Random crops and flips: each sample's are a function of (seed, epoch, index) only
+    cfg = write_config(tmp_path / "cfg.yaml",
+                       config(digits, tmp_path / "out", AUGMENTATION, checkpoint_every=5))
     crashed = run_ranks(MP / "train_crash.py", "14", "--usr1-at", "11", str(cfg), np=2, timeout=180)
     assert crashed.returncode != 0, crashed.stdout
     assert "killed after update 14" in crashed.stdout
@@ -154,22 +188,18 @@ def test_kill_and_resume_equals_the_uninterrupted_run(reference, digits, tmp_pat
     assert len(at_crash["optimizer"]["state"]) == len([
         n for n in at_crash["model"] if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))])
     assert max(r["updates"] for r in train_rows(tmp_path / "out")) == 14  # rows past the checkpoint
+    # mid-epoch, each rank's BN statistics are its own; the checkpoint holds both and their mean
+    local = at_crash["bn_local"]
+    assert not torch.equal(local[0]["stem.1.running_mean"], local[1]["stem.1.running_mean"])
+    assert torch.equal(at_crash["model"]["stem.1.running_mean"],
+                       (local[0]["stem.1.running_mean"] + local[1]["stem.1.running_mean"]) / 2)
     shutil.copytree(tmp_path / "out", tmp_path / "crashed")  # for the other-world-size test
 
     resumed = run_ranks(*CLI, "train", str(cfg), "--resume", "auto", np=2, timeout=180)
     assert resumed.returncode == 0, resumed.stdout
     ours, theirs = final_state(tmp_path / "out"), final_state(reference / "out")
     assert ours["updates"] == theirs["updates"] == 36
-    for name, tensor in theirs["model"].items():
-        if name.endswith(("running_mean", "running_var")):
-            # averaged over ranks at every checkpoint, and the two runs checkpointed at
-            # different updates: equal in exact arithmetic (averaging commutes with the
-            # running average), here up to rounding. Training never reads them.
-            assert torch.allclose(ours["model"][name], tensor, rtol=1e-5, atol=1e-7), name
-        else:
-            assert torch.equal(ours["model"][name], tensor), name  # weights: bit for bit
-    for key, state in theirs["optimizer"]["state"].items():
-        assert torch.equal(ours["optimizer"]["state"][key]["momentum_buffer"], state["momentum_buffer"])
+    assert_bit_identical(ours, theirs)
     # metrics.csv reads as one run: the interrupted run's rows 13 and 14 were replaced
     rows, ref_rows = train_rows(tmp_path / "out"), train_rows(reference / "out")
     assert [r["updates"] for r in rows] == list(range(1, 37))
@@ -177,7 +207,8 @@ def test_kill_and_resume_equals_the_uninterrupted_run(reference, digits, tmp_pat
         [(r["lr"], r["global_batch"], r["loss"]) for r in ref_rows]
 
     # the same checkpoint, continued on ONE process: same position, schedule and data order
-    single = write_config(tmp_path / "one.yaml", config(digits, tmp_path / "crashed", checkpoint_every=5))
+    single = write_config(tmp_path / "one.yaml",
+                          config(digits, tmp_path / "crashed", AUGMENTATION, checkpoint_every=5))
     proc = subprocess.run([sys.executable, *CLI, "train", str(single), "--resume", "auto"],
                           capture_output=True, text=True, timeout=180,
                           env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
@@ -264,7 +295,7 @@ def test_bad_input_ends_every_rank_with_one_message(case, launcher, reference, d
 @pytest.mark.multiprocess
 def test_resume_with_other_settings_says_what_changed_or_refuses(reference, digits, tmp_path):
     shutil.copytree(reference / "out", tmp_path / "out")
-    mapping = config(digits, tmp_path / "out", checkpoint_every=5)
+    mapping = config(digits, tmp_path / "out", AUGMENTATION, checkpoint_every=5)
     mapping["optimizer"].update(name="sgd", weight_decay=2.0e-4)
     cfg = write_config(tmp_path / "cfg.yaml", mapping)
     proc = run_ranks(*CLI, "train", str(cfg), "--resume", "auto", np=2, timeout=180)
@@ -347,6 +378,18 @@ def test_micro_batch_plan():
     assert micro_batch_plan(schedule, 4, 16) == (1, 1, 2)  # 96 / 4 = 24 -> 2 x 12
     with pytest.raises(ConfigError, match=r"^schedule\.phases\[0\]\.global_batch: global batch 32 .*world size 3"):
         micro_batch_plan(schedule, 3, 16)
+    # ghost BN: micro-batches are whole groups. Groups of 8, cap 12: 16 / 32 / 48 per rank ->
+    # micro-batches of 8 (2, 4, 6 of them), where without groups 16 -> 2 x 8, 32 -> 3 x 10.67 is
+    # not possible so 4 x 8, 48 -> 4 x 12
+    assert micro_batch_plan(schedule, 2, 16, bn_group=4) == (1, 2, 3)
+    assert micro_batch_plan(schedule, 2, 12, bn_group=8) == (2, 4, 6)
+    assert micro_batch_plan(schedule, 2, 12) == (2, 4, 4)
+    with pytest.raises(ConfigError, match=r"^train\.bn_group: phase 0: the per-rank batch of 16 .*"
+                                          r"not a multiple of 6"):
+        micro_batch_plan(schedule, 2, 16, bn_group=6)
+    keep_all = from_config({"dataset_size": 64, "drop_last": False, "epochs": 1, "batch": 32, "lr": 0.1})
+    with pytest.raises(ConfigError, match=r"^train\.bn_group: needs schedule\.drop_last: true"):
+        micro_batch_plan(keep_all, 2, 16, bn_group=4)
 
 
 def test_checkpoint_survives_a_failing_write(tmp_path, monkeypatch):
