@@ -281,15 +281,20 @@ class DaliLoader(StepLoader):
     def _to_torch(self, images, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         labels = torch.from_numpy(self.index.labels[indices])
         dtype = TORCH_DTYPES[self.transform.dtype]
+        nhwc = self.transform.channels_last
         if len(indices) == 0:
             size = self.transform.crop_size
-            return (torch.empty((0, 3, size, size), dtype=dtype, device=self.device),
-                    labels.to(self.device))
+            empty = torch.empty((0, size, size, 3) if nhwc else (0, 3, size, size), dtype=dtype,
+                                device=self.device)
+            return (empty.permute(0, 3, 1, 2) if nhwc else empty), labels.to(self.device)
         if self.device_id is not None:
-            return _gpu_tensor(images, dtype, self.device_id), labels.to(f"cuda:{self.device_id}")
-        # A view of DALI's buffer, which the next outputs() call recycles: copy (or convert).
-        view = torch.from_numpy(np.asarray(images.as_tensor()))
-        return (view.to(dtype) if view.dtype != dtype else view.clone()), labels
+            out, labels = _gpu_tensor(images, dtype, self.device_id), labels.to(self.device)
+        else:
+            # A view of DALI's buffer, which the next outputs() call recycles: copy (or convert).
+            view = torch.from_numpy(np.asarray(images.as_tensor()))
+            out = view.to(dtype) if view.dtype != dtype else view.clone()
+        # NHWC memory seen as NCHW: torch's channels_last layout, no copy
+        return (out.permute(0, 3, 1, 2) if nhwc else out), labels
 
     def _produce(self, items):
         if self._pipe is None:

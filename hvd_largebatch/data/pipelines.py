@@ -1,4 +1,5 @@
-"""DALI pipeline definitions: encoded image bytes in, normalized NCHW batches out.
+"""DALI pipeline definitions: encoded image bytes in, normalized NCHW (or NHWC, with
+``ImageTransform.channels_last``) batches out, in the transform's dtype.
 
 The encoded bytes come from an ``external_source`` callback in batch mode, so every iteration may
 carry a different number of samples, up to the ``batch_size`` the pipeline is built for (the
@@ -87,7 +88,7 @@ def build_pipeline(source: Callable[[], list], transform: ImageTransform, *, tra
             mirror = 0
             crop = {"crop": (size, size), "crop_pos_x": 0.5, "crop_pos_y": 0.5}
         images = fn.crop_mirror_normalize(
-            images, mirror=mirror, output_layout="CHW",
+            images, mirror=mirror, output_layout="HWC" if transform.channels_last else "CHW",
             mean=[255.0 * m for m in transform.mean], std=[255.0 * s for s in transform.std],
             dtype=types.FLOAT16 if transform.dtype == "float16" else types.FLOAT, **crop)
         pipe.set_outputs(images)

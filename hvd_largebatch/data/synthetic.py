@@ -22,12 +22,13 @@ class SyntheticLoader(StepLoader):
     Sample ``i`` is image ``i % POOL`` of ``POOL`` random N(0, 1) images made once from ``seed``
     and labelled ``i % num_classes`` (int64): a pure function of (seed, sample index), so the
     global batch of every iteration holds the same tensors on any world size and after a
-    resume. Both live on ``device``; each batch is a new tensor (a gather from the pool).
+    resume. Both live on ``device``; each batch is a new tensor (a gather from the pool), in
+    ``dtype`` and, with ``channels_last``, in NHWC memory seen as NCHW (as the DALI loader's).
     """
 
     def __init__(self, sampler: GlobalSampler, *, image_shape: tuple[int, int, int] = (3, 224, 224),
                  num_classes: int = 1000, dtype: str = "float32", device: str | torch.device = "cpu",
-                 micro_batches: int = 1, seed: int = 0):
+                 micro_batches: int = 1, seed: int = 0, channels_last: bool = False):
         super().__init__(sampler, micro_batches)
         if dtype not in TORCH_DTYPES:
             raise ConfigError("data.dtype", f"must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
@@ -37,10 +38,14 @@ class SyntheticLoader(StepLoader):
         images = torch.randn((POOL, *image_shape), generator=generator)
         self.device = torch.device(device)
         self.num_classes = int(num_classes)
+        self.channels_last = channels_last
+        if channels_last:  # the pool in NHWC memory: a gather of it stays NHWC
+            images = images.permute(0, 2, 3, 1).contiguous()
         self._images = images.to(device=self.device, dtype=TORCH_DTYPES[dtype])
 
     def _produce(self, items):
         for item in items:
             rows = torch.from_numpy(item.indices % POOL).to(self.device)
             labels = torch.from_numpy(item.indices % self.num_classes).to(self.device)
-            yield item, (self._images.index_select(0, rows), labels)
+            batch = self._images.index_select(0, rows)
+            yield item, (batch.permute(0, 3, 1, 2) if self.channels_last else batch, labels)

@@ -35,7 +35,9 @@ class ImageTransform:
     fraction of a pixel off a torchvision-style reference.
 
     Output: NCHW images, ``dtype`` one of float32 / float16 / bfloat16 (DALI has no bfloat16: the
-    pipeline emits float32 and the loader converts in torch). Sizes are in pixels.
+    pipeline emits float32 and the loader converts in torch); with ``channels_last`` the pipeline
+    writes NHWC and the batch is that memory seen as NCHW (torch's ``channels_last`` strides), so
+    an NHWC model takes it without a copy. Sizes are in pixels.
     """
 
     crop_size: int = 224
@@ -47,6 +49,7 @@ class ImageTransform:
     std: tuple[float, float, float] = IMAGENET_STD
     dtype: str = "float32"
     train_antialias: bool = False
+    channels_last: bool = False
 
     def __post_init__(self):
         if self.crop_size < 1:

@@ -456,15 +456,18 @@ def memory_format(cfg: Config, device: torch.device) -> torch.memory_format:
 
 # -- 6. loaders -------------------------------------------------------------------------------
 
-def image_transform(d: DataConfig, dtype: str = "float32") -> ImageTransform:
-    """The pipelines' ``ImageTransform`` for this data section."""
+def image_transform(d: DataConfig, dtype: str = "float32",
+                    channels_last: bool = False) -> ImageTransform:
+    """The pipelines' ``ImageTransform`` for this data section (batches of ``dtype``, in NHWC
+    memory with ``channels_last``)."""
     stats = d.stats or ("digits" if d.source == "digits" else "imagenet")
     mean, std = STATS.get(stats, (None, None))
     return ImageTransform(
         crop_size=d.image_size,
         resize_shorter=d.resize_shorter or round(d.image_size * 256 / 224),
         scale=tuple(d.crop_scale), ratio=tuple(d.crop_ratio), flip=d.flip,
-        mean=tuple(d.mean or mean), std=tuple(d.std or std), dtype=dtype)
+        mean=tuple(d.mean or mean), std=tuple(d.std or std), dtype=dtype,
+        channels_last=channels_last)
 
 
 def train_loader(cfg: Config, data: DataSets, sampler: GlobalSampler, *, micro_batches: int,
@@ -488,17 +491,18 @@ def val_loader(cfg: Config, data: DataSets, world_size: int, rank: int, *, devic
 def _loader(cfg: Config, data: DataSets, index: FileIndex | None, sampler: GlobalSampler, *,
             micro_batches: int, device: torch.device, dtype: str, seed: int, train: bool) -> StepLoader:
     d = cfg.data
+    nhwc = memory_format(cfg, device) == torch.channels_last  # the model's layout
     if d.source == "synthetic":
         from hvd_largebatch.data import SyntheticLoader
 
         return SyntheticLoader(sampler, image_shape=(3, d.image_size, d.image_size),
                                num_classes=data.num_classes, dtype=dtype, device=device,
-                               micro_batches=micro_batches, seed=seed)
+                               micro_batches=micro_batches, seed=seed, channels_last=nhwc)
     from hvd_largebatch.data import DaliLoader
 
     device_id = None  # CPU pipeline; on a GPU, the rank's device (torch.device("cuda") has no index)
     if device.type == "cuda":
         device_id = device.index if device.index is not None else torch.cuda.current_device()
-    return DaliLoader(index, sampler, image_transform(d, dtype), train=train, device_id=device_id,
-                      num_threads=d.workers, micro_batches=micro_batches,
+    return DaliLoader(index, sampler, image_transform(d, dtype, nhwc), train=train,
+                      device_id=device_id, num_threads=d.workers, micro_batches=micro_batches,
                       prefetch_depth=d.prefetch, seed=seed, skip_bad_files=d.skip_bad_files)

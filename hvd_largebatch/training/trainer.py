@@ -30,7 +30,9 @@ batches; on the same world size a run killed at any iteration and resumed ends b
 the uninterrupted run (weights, BN buffers, momentum: the augmentation is a function of
 (seed, epoch, sample), each rank gets its BN statistics and RNG state back).
 
-Inputs are float32 tensors; ``train.precision: bf16`` runs forward passes under autocast, ``fp16``
+Inputs come from the loaders in the autocast dtype (float32 for fp32) and the model's memory
+format (NHWC with ``train.channels_last``); ``train.precision: bf16`` runs forward passes under
+autocast, ``fp16``
 too, with the loss multiplied by the optimizer's loss scale (unscaled, checked and updated inside
 the FusedLARS step, on the device). The lr and the momentum are 0-dim tensors on the device that
 every iteration fills in place (no host synchronization). ``train.channels_last`` keeps the model
@@ -82,7 +84,8 @@ from hvd_largebatch.training.watchdog import Watchdog
 
 SUMMARY_NAME = "summary.json"
 _PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-_INPUT_DTYPE = "float32"
+#: the loaders' output dtype per train.precision: inputs arrive in the autocast dtype
+_INPUT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class Diverged(RuntimeError):
@@ -173,7 +176,7 @@ class Trainer:
         self.autocast = _PRECISION_DTYPES.get(self.cfg.train.precision)
         self.watch.mark("setup: building the validation loader")
         self.val = val_loader(self.cfg, run.data, run.world_size, run.rank, device=self.device,
-                              dtype=_INPUT_DTYPE)
+                              dtype=_INPUT_DTYPES[self.cfg.train.precision])
         self.epoch, self.step, self.updates, self.samples, self.wall_time = 0, 0, 0, 0, 0.0
         self.skipped_steps = 0  # updates skipped for non-finite gradients (whole run)
         if run.checkpoint is not None:
@@ -431,7 +434,8 @@ class Trainer:
             self._close_loader()
             # augmentation: a function of (train.seed, epoch, sample) only
             self._loader = train_loader(self.cfg, self.run.data, self.sampler, micro_batches=k,
-                                        device=self.device, dtype=_INPUT_DTYPE,
+                                        device=self.device,
+                                        dtype=_INPUT_DTYPES[self.cfg.train.precision],
                                         seed=self.cfg.train.seed)
             self._loader_k = k
         if self._batches is None:

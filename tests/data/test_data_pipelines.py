@@ -211,6 +211,36 @@ def test_output_dtypes(jpeg_index):
     assert torch.equal(out["bfloat16"], out["float32"].to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["validation", "training"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_channels_last_output_is_the_same_batch_in_nhwc_memory(jpeg_index, dtype, train):
+    """With channels_last the pipeline writes NHWC: the same values (bitwise) as the NCHW
+    output, in the autocast dtype, in memory an NHWC model reads without a copy."""
+    out = {}
+    for nhwc in (False, True):
+        t = ImageTransform(crop_size=24, resize_shorter=30, dtype=dtype, channels_last=nhwc)
+        sampler = GlobalSampler(len(jpeg_index), ListSchedule(len(jpeg_index), [[5]]), 1, 0,
+                                drop_last=False)
+        ((images, _),) = list(DaliLoader(jpeg_index, sampler, t, train=train).epoch(0))
+        out[nhwc] = images
+    assert out[True].dtype == getattr(torch, dtype) and out[True].shape == (5, 3, 24, 24)
+    assert out[True].is_contiguous(memory_format=torch.channels_last)
+    assert not out[True].is_contiguous() and out[False].is_contiguous()
+    assert torch.equal(out[True], out[False])
+
+
+def test_synthetic_loader_channels_last_and_dtype():
+    sampler = GlobalSampler(8, ListSchedule(8, [[4, 4]]), 1, 0, drop_last=False)
+    batches = {}
+    for nhwc in (False, True):
+        loader = SyntheticLoader(sampler, image_shape=(3, 6, 6), num_classes=3, dtype="bfloat16",
+                                 channels_last=nhwc, seed=1)
+        batches[nhwc] = [images for images, _ in loader.epoch(0)]
+    for a, b in zip(batches[False], batches[True]):
+        assert b.dtype == torch.bfloat16 and b.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(a, b)
+
+
 def test_training_pipeline_whole_image_crop_is_resize_or_mirror(tmp_path):
     # scale (1, 1) and ratio (1, 1) on square pictures: the random crop is the whole image, so
     # each output is the resized picture, mirrored or not
