@@ -71,6 +71,8 @@ the ``schedule`` section has a default::
                                 # non-finite gradients (0: never stop; see trainer.py)
       stall_timeout_s: 300      # seconds without progress (an iteration, a collective, a
                                 # checkpoint) before a rank ends the job (exit 4; 0: off)
+      noise_scale_every: 10     # iterations between measurements of the gradient noise scale
+                                # (one extra pass over the gradients each; 0: never)
       bn_group: null            # ghost batch norm: BN statistics over fixed groups of this many
                                 # samples, whatever the world size and micro-batching (per-rank
                                 # micro-batches must be multiples of it; needs drop_last)
@@ -172,6 +174,7 @@ class TrainConfig:
     average_bn_stats: bool = True
     max_skipped_steps: int = 20
     stall_timeout_s: float = 300.0
+    noise_scale_every: int = 10
     bn_group: int | None = None
     deterministic: bool = False
 
@@ -456,6 +459,7 @@ def _check_values(cfg: Config) -> None:
         _at_least("train.eval_batch", t.eval_batch, 1)
     _at_least("train.max_skipped_steps", t.max_skipped_steps, 0)
     _at_least("train.stall_timeout_s", t.stall_timeout_s, 0.0)
+    _at_least("train.noise_scale_every", t.noise_scale_every, 0)
     if t.cuda_graph != "none" and o.shard_optimizer_state:
         raise ConfigError("train.cuda_graph", "needs optimizer.shard_optimizer_state: false (the "
                           "sharded step has collectives inside, which a graph cannot hold)")

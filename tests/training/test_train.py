@@ -46,7 +46,7 @@ def config(digits: str, out: Path, augmentation: dict = NO_AUGMENTATION, **train
         "schedule": {"name": "test", "phases": PHASES},
         "optimizer": {"name": "lars", "weight_decay": 1.0e-4, "trust_coefficient": 0.02,
                       "shard_optimizer_state": True},
-        "train": {"max_per_rank_batch": 16, "log_every": 1, **train},
+        "train": {"max_per_rank_batch": 16, "log_every": 1, "noise_scale_every": 1, **train},
         "output": {"dir": str(out), "progress": False, "plots": False, "tensorboard": False},
     }
 
