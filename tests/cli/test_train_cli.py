@@ -4,20 +4,12 @@ import os
 import subprocess
 import sys
 
-import pytest
 import yaml
 
 from hvd_largebatch.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from launch import CLI, REPO
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from hvd_largebatch.data import write_digits_folder
-
-    root = tmp_path_factory.mktemp("digits") / "d"
-    write_digits_folder(str(root), size=8)
-    return root
 
 
 def config(digits, out) -> dict:

@@ -25,13 +25,6 @@ ENDS_WITHIN_S = 60
 NO_GLOO_FALLBACK = {"HOROVOD_GLOO_TIMEOUT_SECONDS": "600"}
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from hvd_largebatch.data import write_digits_folder
-
-    root = tmp_path_factory.mktemp("digits") / "d"
-    write_digits_folder(str(root), size=8)
-    return root
 
 
 def config(digits: Path, out: Path) -> dict:

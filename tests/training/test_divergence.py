@@ -19,13 +19,6 @@ from launch import CLI, REPO, run_ranks
 EXIT_DIVERGED = 3
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from hvd_largebatch.data import write_digits_folder
-
-    root = tmp_path_factory.mktemp("digits") / "d"
-    write_digits_folder(str(root), size=8)
-    return root
 
 
 def one_error(out: str) -> str:

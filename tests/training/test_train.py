@@ -38,10 +38,10 @@ NO_AUGMENTATION = {"crop_scale": [1.0, 1.0], "crop_ratio": [1.0, 1.0], "flip": F
 AUGMENTATION = {"crop_scale": [0.3, 1.0], "crop_ratio": [0.75, 1.3333], "flip": True}
 
 
-def config(digits: str, out: Path, augmentation: dict = NO_AUGMENTATION, **train) -> dict:
+def config(digits: Path, out: Path, augmentation: dict = NO_AUGMENTATION, **train) -> dict:
     return {
         "model": {"name": "small_resnet", "options": {"width": 4}},
-        "data": {"source": "digits", "path": digits, "image_size": 8, "resize_shorter": 8,
+        "data": {"source": "digits", "path": str(digits), "image_size": 8, "resize_shorter": 8,
                  "workers": 1, **augmentation},
         "schedule": {"name": "test", "phases": PHASES},
         "optimizer": {"name": "lars", "weight_decay": 1.0e-4, "trust_coefficient": 0.02,
@@ -56,13 +56,6 @@ def write_config(path: Path, mapping: dict) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from hvd_largebatch.data import write_digits_folder
-
-    root = tmp_path_factory.mktemp("digits") / "d"
-    write_digits_folder(str(root), size=8)
-    return str(root)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +66,7 @@ def reference(tmp_path_factory, digits):
     cfg = write_config(work / "cfg.yaml", config(digits, work / "out", AUGMENTATION, checkpoint_every=5))
     proc = run_ranks(*CLI, "train", str(cfg), np=2, timeout=180)
     assert proc.returncode == 0, proc.stdout
-    (work / "digits_path").write_text(digits)
+    (work / "digits_path").write_text(str(digits))
     return work
 
 

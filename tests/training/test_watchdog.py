@@ -17,13 +17,6 @@ from launch import MP, run_ranks
 STALL_S = 15
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from hvd_largebatch.data import write_digits_folder
-
-    root = tmp_path_factory.mktemp("digits") / "d"
-    write_digits_folder(str(root), size=8)
-    return root
 
 
 @pytest.mark.multiprocess
