@@ -11,7 +11,7 @@ from hvd_largebatch.data import FileIndex
 from hvd_largebatch.data.check import cache_path, default_cache_dir
 from hvd_largebatch.training.metrics import read_metrics
 from launch import CLI, run_ranks
-from test_train import config, digits, final_state, write_config  # noqa: F401
+from test_train import config, final_state, write_config
 
 pytestmark = pytest.mark.multiprocess
 #: why each of the 3 broken training files is unusable
@@ -19,7 +19,7 @@ REASONS = ("not an image DALI decodes", "empty file", "PNG: OSError: image file 
 
 
 @pytest.fixture
-def broken_digits(digits, tmp_path):  # noqa: F811
+def broken_digits(digits, tmp_path):
     """A copy of the digits set with 300 random bytes, an empty file and a truncated PNG in
     train/ and a text file named .png in val/."""
     root = tmp_path / "digits"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from launch import CLI, MP, run_ranks
-from test_train import AUGMENTATION, config, digits, final_state, write_config  # noqa: F401
+from test_train import AUGMENTATION, config, final_state, write_config
 
 pytestmark = pytest.mark.multiprocess
 #: batch 24 then 48 (mid-epoch): 24 / 12 / 8 and 48 / 24 / 16 per rank, micro-batches of at most 8
@@ -49,7 +49,7 @@ def max_weight_difference(a: dict, b: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, digits):  # noqa: F811
+def runs(tmp_path_factory, digits):
     tmp = tmp_path_factory.mktemp("worlds")
     return {(world, group): run(tmp, digits, world, group)
             for group in (4, None) for world in (1, 2, 3)}
