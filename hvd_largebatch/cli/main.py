@@ -18,7 +18,8 @@ COMMANDS = {
     "prepare-data": ("hvd_largebatch.cli.prepare_data", "write the scikit-learn digits set as an image folder"),
     "check-data": ("hvd_largebatch.cli.check_data", "name every unusable image of a data set (cached for training)"),
     "train": ("hvd_largebatch.cli.train", "train a model from a YAML config on the ranks of a Horovod job"),
-    "demo": ("hvd_largebatch.cli.demo", "make run: Smith et al.'s three schedules on digits, 2 ranks"),
+    "demo": ("hvd_largebatch.cli.demo",
+             "make run: Smith et al.'s schedules and the adaptive batch on digits, 2 ranks"),
     "launch": ("hvd_largebatch.cli.launch", "check, print or submit a job template (mpirun, horovodrun, elastic, slurm, pbs, mpijob)"),
 }
 

@@ -7,6 +7,13 @@ the totals. Two update counts are shown: the steps actually executed (following
 ``Schedule.epoch_batches``: with drop_last, floor(N / B) per epoch) and the papers' count
 (epochs x N / B summed over phases), which is what papers report (Goyal 1 h: ~14,075).
 
+An adaptive batch (``schedule.batch_increase.mode: adaptive``) is decided at run time: the plan
+says so, shows the phases as if the batch never grew, and gives the bounds: the first batch,
+the cap (rounded for the world size and ``--max-per-rank-batch``, else the config's
+``train.max_per_rank_batch``), the most updates (it never grows) and the fewest (it grows at
+every decision until the cap, :func:`hvd_largebatch.schedules.adaptive.update_bounds`), and the
+predicted time for both.
+
 With ``--gpu-throughput`` (and ``--network`` for more than one rank) it adds the predicted
 seconds per iteration and time to train, per phase and in total
 (:mod:`hvd_largebatch.cli.prediction`; the model and its assumptions:
@@ -49,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
         schedule, document = _load(args.target)
         if args.dataset_size is not None:
             schedule = schedule.with_dataset_size(args.dataset_size)
-        plan = build_plan(schedule, args.world_size, args.micro_batches, args.max_per_rank_batch)
+        max_per_rank = args.max_per_rank_batch
+        if max_per_rank is None and args.micro_batches is None and document is not None:
+            max_per_rank = (document.get("train") or {}).get("max_per_rank_batch")
+        plan = build_plan(schedule, args.world_size, args.micro_batches, max_per_rank)
         if args.gpus_per_node is not None and args.intra_node is None:
             raise ConfigError("--gpus-per-node", "means the hierarchical exchange: give the "
                               "link between a node's GPUs with --intra-node GBIT_S[,LATENCY_US]")
@@ -119,11 +129,47 @@ def build_plan(schedule, world_size: int | None = None, micro_batches: int | Non
     unless named per-rank; epochs are floats; noise scale at the phase's start and end lr).
 
     Raises ``ConfigError`` when a global batch does not split over the ranks (and micro-batches).
+    An adaptive batch adds ``adaptive``: its bounds, and the phases of the fewest updates.
     """
-    from hvd_largebatch.schedules import accumulation_steps, noise_scale
-
     world = world_size if world_size is not None else (schedule.workers or 1)
     schedule.validate(world, micro_batches or 1)
+    plan = {
+        "name": schedule.name, "source": schedule.source, "dataset_size": schedule.dataset_size,
+        "drop_last": schedule.drop_last, "epochs": schedule.epochs, "nesterov": schedule.nesterov,
+        "workers": schedule.workers, "world_size": world,
+        "total_updates": schedule.total_updates, "nominal_updates": schedule.nominal_updates,
+        "phases": _phases(schedule, world, micro_batches, max_per_rank_batch),
+    }
+    if schedule.adaptive is not None:
+        plan["adaptive"] = _adaptive(schedule, world, micro_batches, max_per_rank_batch)
+    return plan
+
+
+def _adaptive(schedule, world: int, micro_batches: int | None,
+              max_per_rank_batch: int | None) -> dict:
+    """The bounds of an adaptive batch (see the module docstring); the rounding assumes
+    ``max_per_rank_batch`` (or ``micro_batches`` micro-batches of the cap, or none)."""
+    from hvd_largebatch.schedules.adaptive import grown_batch, update_bounds
+
+    rule = schedule.adaptive
+    if max_per_rank_batch is None:
+        max_per_rank_batch = -(-rule.max_batch // (world * (micro_batches or 1)))
+    fewest, most, fastest = update_bounds(schedule, world, max_per_rank_batch)
+    cap = first = schedule.phases[0].global_batch
+    while (grown := grown_batch(cap, rule, world, max_per_rank_batch)) > cap:
+        cap = grown
+    return {"first_batch": first, "max_batch": rule.max_batch, "reachable_batch": cap,
+            "factor": rule.factor, "threshold": rule.threshold, "interval": rule.interval,
+            "start_epoch": rule.start_epoch, "smoothing": rule.smoothing,
+            "fewest_updates": fewest, "most_updates": most,
+            "fewest_phases": _phases(fastest, world, micro_batches, max_per_rank_batch)}
+
+
+def _phases(schedule, world: int, micro_batches: int | None,
+            max_per_rank_batch: int | None) -> list[dict]:
+    """One entry per phase of ``schedule`` (see ``build_plan``)."""
+    from hvd_largebatch.schedules import accumulation_steps, noise_scale
+
     n = schedule.dataset_size
     phases = []
     for k, p in enumerate(schedule.phases):
@@ -143,13 +189,7 @@ def build_plan(schedule, world_size: int | None = None, micro_batches: int | Non
             "updates": schedule.phase_updates[k],
             "nominal_updates": schedule.phase_nominal_updates[k],
         })
-    return {
-        "name": schedule.name, "source": schedule.source, "dataset_size": n,
-        "drop_last": schedule.drop_last, "epochs": schedule.epochs, "nesterov": schedule.nesterov,
-        "workers": schedule.workers, "world_size": world,
-        "total_updates": schedule.total_updates, "nominal_updates": schedule.nominal_updates,
-        "phases": phases,
-    }
+    return phases
 
 
 def format_table(plan: dict) -> str:
@@ -178,6 +218,22 @@ def format_table(plan: dict) -> str:
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     for row in [header, *rows]:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    adaptive = plan.get("adaptive")
+    if adaptive is not None:
+        a = adaptive
+        cap = (f"cap {a['max_batch']:,}" if a["reachable_batch"] == a["max_batch"] else
+               f"cap {a['max_batch']:,}, {a['reachable_batch']:,} after rounding for "
+               f"{plan['world_size']} ranks")
+        lines += [
+            "",
+            "global batch: decided at run time (schedule.batch_increase, mode adaptive); the "
+            "phases above are the run if it never grows",
+            f"  first batch {a['first_batch']:,}, {cap}; x{a['factor']:g} when the measured "
+            f"B_simple >= {a['threshold']:g} x the batch, decided every {a['interval']:,} "
+            f"updates from epoch {a['start_epoch']:g}",
+            f"  updates: between {a['fewest_updates']:,} (grows at every decision) and "
+            f"{a['most_updates']:,} (never grows)",
+        ]
     lines += [
         "",
         f"updates executed: {plan['total_updates']:,} (what the trainer runs"

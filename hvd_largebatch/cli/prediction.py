@@ -136,8 +136,12 @@ def model_parameters(name: str, options: dict | None, num_classes: int | None) -
 def predict(plan: dict, system, parameters: int, optimizer: str, sharded: bool) -> dict:
     """The prediction as a JSON-ready dict: inputs, per phase the seconds per iteration and
     its parts (``schedules.timing.IterationTime``) and the phase's seconds (executed updates x
-    seconds per iteration), and the total seconds."""
+    seconds per iteration), and the total seconds; for an adaptive batch also ``fewest``: the
+    same for the run that grows at every decision."""
     phases = []
+    if "adaptive" in plan:
+        fewest = predict({"phases": plan["adaptive"]["fewest_phases"]}, system, parameters,
+                         optimizer, sharded)
     for p in plan["phases"]:
         it = iteration_time(p["per_rank_batch"], p["micro_batches"], parameters, system,
                             optimizer, sharded)
@@ -150,6 +154,8 @@ def predict(plan: dict, system, parameters: int, optimizer: str, sharded: bool) 
         "gradient_bytes": parameters * system.gradient_bytes,
         "phases": phases,
         "total_seconds": sum(p["seconds"] for p in phases),
+        **({"fewest": {"updates": plan["adaptive"]["fewest_updates"],
+                       "total_seconds": fewest["total_seconds"]}} if "adaptive" in plan else {}),
     }
 
 
@@ -207,4 +213,9 @@ def format_prediction(prediction: dict) -> str:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     lines.append(f"predicted time to train: {_duration(prediction['total_seconds'])} "
                  f"({prediction['total_seconds']:,.0f} s; evaluation and start-up not counted)")
+    if "fewest" in prediction:
+        f = prediction["fewest"]
+        lines.append(f"  adaptive batch: the table is the run that never grows; one that grows "
+                     f"at every decision ({f['updates']:,} updates) takes "
+                     f"{_duration(f['total_seconds'])} ({f['total_seconds']:,.0f} s)")
     return "\n".join(lines)

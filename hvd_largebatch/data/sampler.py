@@ -239,6 +239,22 @@ class GlobalSampler:
                 "sampler.step", f"epoch {epoch} has {self.num_steps(epoch)} iterations; got {step}")
         self._epoch, self._step = int(epoch), int(step)
 
+    def set_schedule(self, schedule: BatchSchedule) -> None:
+        """Follow ``schedule`` from the current position on (an adaptive batch decision): it must
+        give the iterations already read in this epoch the same batches, so the position stays
+        the same samples; ValueError otherwise."""
+        if int(schedule.dataset_size) != self.num_samples:
+            raise ValueError(f"the new schedule is for {schedule.dataset_size} samples, the "
+                             f"sampler has {self.num_samples}")
+        before = self.offsets(self._epoch)[:self._step + 1]
+        old = self.schedule, self._offsets
+        self.schedule, self._offsets = schedule, {}
+        after = self.offsets(self._epoch)
+        if len(after) <= self._step or not np.array_equal(after[:self._step + 1], before):
+            self.schedule, self._offsets = old
+            raise ValueError(f"the new schedule changes iterations 0..{self._step - 1} of epoch "
+                             f"{self._epoch}, which were read already")
+
     def state_dict(self) -> dict:
         """Position (the next iteration to read) plus what must match on resume.
 

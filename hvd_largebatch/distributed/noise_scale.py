@@ -21,6 +21,8 @@ device: only :meth:`NoiseScaleEstimator.value` reads a number back to the host.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from hvd_largebatch.errors import ConfigError
@@ -86,12 +88,42 @@ class NoiseScaleEstimator:
                 "grad_sq": self._grad_sq / correction, "trace": self._trace / correction,
                 **self._last, "steps": self.steps}
 
+    def state_dict(self) -> dict:
+        """The averages and counters, on the CPU (for a checkpoint; an adaptive batch decides
+        from them, so a resumed run must continue them exactly)."""
+        tensors = {} if self._grad_sq is None else {
+            "grad_sq": self._grad_sq.detach().cpu().clone(),
+            "trace": self._trace.detach().cpu().clone(),
+            "folded": self._folded.detach().cpu().clone()}
+        return {"decay": self.decay, "steps": self.steps, **tensors}
+
+    def load_state_dict(self, state: dict, device: torch.device | None = None) -> None:
+        """Continue from ``state`` (tensors moved to ``device``); the decay stays this
+        estimator's own."""
+        self.steps = int(state["steps"])
+        if "grad_sq" not in state:
+            self._grad_sq = self._trace = self._folded = None
+            return
+        self._grad_sq, self._trace, self._folded = (
+            state[name].to(device).clone() for name in ("grad_sq", "trace", "folded"))
+
+    def averages(self) -> torch.Tensor | None:
+        """``[tr(Sigma), |G|^2]`` averages (fp32, on the device, no synchronization; their ratio
+        is ``B_simple``); None before the first update."""
+        if self._grad_sq is None:
+            return None
+        return torch.stack([self._trace, self._grad_sq])
+
     def value(self) -> float | None:
         """``B_simple`` as a float (reads the device once); None before the first update or while
         the averaged ``|G|^2`` estimate is not positive (too few steps to resolve it)."""
-        if self._grad_sq is None:
-            return None
-        grad_sq, trace = torch.stack([self._grad_sq, self._trace]).tolist()
-        if not grad_sq > 0:
-            return None
-        return trace / grad_sq
+        averages = self.averages()
+        return None if averages is None else ratio(*averages.tolist())
+
+
+def ratio(trace: float, grad_sq: float) -> float | None:
+    """``B_simple = trace / grad_sq`` from the averages; None while ``grad_sq`` is not positive
+    or ``trace`` not finite."""
+    if not grad_sq > 0 or not math.isfinite(trace):
+        return None
+    return trace / grad_sq

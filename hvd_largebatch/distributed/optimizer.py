@@ -357,6 +357,20 @@ class DistributedOptimizer(torch.optim.Optimizer):
         :meth:`hvd_largebatch.distributed.noise_scale.NoiseScaleEstimator.value`)."""
         return self._noise.value()
 
+    def noise_scale_averages(self) -> torch.Tensor | None:
+        """``[tr(Sigma), |G|^2]`` averages on the device (no synchronization); see
+        :meth:`NoiseScaleEstimator.averages <hvd_largebatch.distributed.noise_scale.NoiseScaleEstimator.averages>`."""
+        return self._noise.averages()
+
+    def noise_scale_state_dict(self) -> dict:
+        """The noise-scale estimator's averages (CPU tensors; same on every rank)."""
+        return self._noise.state_dict()
+
+    def load_noise_scale_state_dict(self, state: dict) -> None:
+        """Continue the estimator from :meth:`noise_scale_state_dict`'s result."""
+        device = next((p.device for g in self.param_groups for p in g["params"]), None)
+        self._noise.load_state_dict(state, device)
+
     def noise_scale_stats(self) -> dict:
         """The estimator's tensors (no synchronization): ``noise_scale``, ``grad_sq`` (|G|^2),
         ``trace`` (tr Sigma, per sample), last step's ``local_sq`` / ``global_sq``, ``steps``."""

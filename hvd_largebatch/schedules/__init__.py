@@ -4,8 +4,10 @@ The one object the trainer, the data pipeline and the optimizer all read. It car
 papers' rules, so an existing recipe converts into a large-batch or increasing-batch one
 without tuning:
 
-- ``schedule``: ``Schedule`` (``epoch_batches``, ``at``, update counts, ``validate``),
-  ``Phase``, ``SchedulePoint``, ``accumulation_steps``.
+- ``schedule``: ``Schedule`` (``epoch_batches``, ``at``, update counts, ``validate``,
+  ``with_batch_from``), ``Phase``, ``SchedulePoint``, ``AdaptiveBatch``, ``accumulation_steps``.
+- ``adaptive``: the adaptive batch (``batch_increase: {mode: adaptive}``): when a decision is
+  due, the grown batch, replaying a run's decisions, the bounds ``plan`` shows.
 - ``builders``: gradual / constant warmup, step, polynomial and cosine decay phases.
 - ``rules``: the linear scaling rule, Smith et al.'s noise scale and equal-noise rules, and
   ``increase_batch`` (lr drops -> batch increases, then the hybrid at a batch cap).
@@ -19,10 +21,10 @@ from .config import from_config, preset
 from .presets import PRESETS
 from .rules import (INCREASE_RULES, equal_noise_lr, increase_batch, linear_scaling_lr,
                     noise_scale)
-from .schedule import SHAPES, Phase, Schedule, SchedulePoint, accumulation_steps
+from .schedule import SHAPES, AdaptiveBatch, Phase, Schedule, SchedulePoint, accumulation_steps
 
 __all__ = [
-    "INCREASE_RULES", "PRESETS", "SHAPES", "Phase", "Schedule", "SchedulePoint",
+    "INCREASE_RULES", "PRESETS", "AdaptiveBatch", "SHAPES", "Phase", "Schedule", "SchedulePoint",
     "accumulation_steps", "constant_warmup", "cosine_decay", "equal_noise_lr", "from_config",
     "gradual_warmup", "increase_batch", "linear_scaling_lr", "noise_scale", "poly_decay",
     "preset", "step_decay",

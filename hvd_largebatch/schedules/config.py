@@ -25,7 +25,13 @@ Recipe form (how the papers write schedules; epochs are floats, batches are glob
           # (default constant); poly and cosine run from the warmup's end to `epochs`
       batch_increase: {max_batch: 16384, rule: linear}
           # Smith et al.: each lr drop of the step decay becomes a batch increase of the same
-          # factor up to max_batch, the lr takes the rest (see rules.increase_batch)
+          # factor up to max_batch, the lr takes the rest (see rules.increase_batch); or
+      batch_increase: {mode: adaptive, max_batch: 16384, factor: 2, margin: 2, interval: 100,
+                       start_epoch: 5, smoothing: 0.9}
+          # the batch is decided while training: every `interval` updates from `start_epoch`
+          # (default: the warmup's end), x factor when the measured gradient noise scale
+          # B_simple >= margin (default: factor) x the batch, up to max_batch; the lr keeps its
+          # curve (Schedule.AdaptiveBatch, schedules.adaptive)
       name: my_run             # optional labels
       source: "where the recipe comes from"
 
@@ -37,11 +43,12 @@ Explicit form (what ``Schedule.to_config()`` writes; phases are contiguous from 
         - {end_epoch: 5, global_batch: 8192, momentum: 0.9, lr_start: 0.1, lr_end: 3.2,
            shape: linear}                          # shape: constant (default), linear, poly
         - {end_epoch: 90, global_batch: 8192, momentum: 0.9, lr_start: 3.2}  # or cosine
-      # plus drop_last, nesterov, workers, name, source as above
+      # plus drop_last, nesterov, workers, name, source, and an adaptive batch_increase
+      # (mode: adaptive) as above
 
 Overriding a preset: top-level keys replace the preset's; the ``warmup``, ``decay`` and
 ``batch_increase`` mappings are merged key by key, unless the override changes ``decay.type``
-(then it replaces the mapping); a key set to null removes the preset's (for
+or ``batch_increase.mode`` (then it replaces the mapping); a key set to null removes the preset's (for
 example ``batch_increase: null``). Setting ``lr`` drops the preset's ``base_*`` reference point
 and setting ``base_lr`` drops its ``lr``. Float values may be written as strings such as
 ``"1e-4"`` (PyYAML reads exponent floats without a dot as strings).
@@ -56,7 +63,7 @@ from ..errors import ConfigError
 from .builders import constant_warmup, cosine_decay, gradual_warmup, poly_decay, step_decay
 from .presets import PRESETS
 from .rules import equal_noise_lr, increase_batch
-from .schedule import Phase, Schedule
+from .schedule import AdaptiveBatch, Phase, Schedule
 
 _COMMON_KEYS = ("preset", "name", "source", "workers", "dataset_size", "drop_last", "nesterov")
 _RECIPE_KEYS = ("epochs", "batch", "lr", "base_lr", "base_batch", "base_momentum", "momentum",
@@ -64,9 +71,11 @@ _RECIPE_KEYS = ("epochs", "batch", "lr", "base_lr", "base_batch", "base_momentum
 _WARMUP_KEYS = ("epochs", "mode", "start_lr")
 _DECAY_KEYS = {"constant": ("type",), "step": ("type", "milestones", "factor"),
                "poly": ("type", "power", "end_lr"), "cosine": ("type", "end_lr")}
-_INCREASE_KEYS = ("max_batch", "rule")
+_INCREASE_KEYS = ("mode", "max_batch", "rule")
+_ADAPTIVE_KEYS = ("mode", "max_batch", "factor", "margin", "interval", "start_epoch", "smoothing")
+INCREASE_MODES = ("rule", "adaptive")
 _PHASE_KEYS = ("end_epoch", "global_batch", "momentum", "lr_start", "lr_end", "shape", "power")
-_REPLACING_FIELD = {"decay": "type"}  # changing it replaces the preset's whole mapping
+_REPLACING_FIELD = {"decay": "type", "batch_increase": "mode"}  # changing it replaces the preset's whole mapping
 _MISSING = object()
 
 
@@ -95,11 +104,44 @@ def from_config(mapping: Mapping) -> Schedule:
     if common["dataset_size"] < 1:
         raise ConfigError("schedule.dataset_size", f"must be >= 1, got {common['dataset_size']}")
     if cfg.get("phases") is not None:
+        increase = _increase_section(cfg)
+        adaptive = increase is not None and increase.get("mode") == "adaptive"
         for key in _RECIPE_KEYS:
-            if cfg.get(key) is not None:
-                raise ConfigError(f"schedule.{key}", "not allowed together with schedule.phases")
-        return Schedule(phases=_explicit_phases(cfg["phases"]), **common)
+            if cfg.get(key) is not None and not (key == "batch_increase" and adaptive):
+                raise ConfigError(f"schedule.{key}", "not allowed together with schedule.phases"
+                                  + (" (except batch_increase with mode adaptive)"
+                                     if key == "batch_increase" else ""))
+        phases = _explicit_phases(cfg["phases"])
+        return Schedule(phases=phases, adaptive=_adaptive(increase, 0.0) if adaptive else None,
+                        **common)
     return _recipe(cfg, common)
+
+
+def _increase_section(cfg: Mapping) -> dict | None:
+    """``schedule.batch_increase`` with its keys checked for its ``mode``."""
+    increase = _section(cfg, "batch_increase", "schedule.batch_increase", None)
+    if increase is None:
+        return None
+    mode = _get(increase, "mode", "schedule.batch_increase", str, "rule")
+    if mode not in INCREASE_MODES:
+        raise ConfigError("schedule.batch_increase.mode",
+                          f"must be one of {', '.join(INCREASE_MODES)}, got {mode!r}")
+    _check_keys(increase, _ADAPTIVE_KEYS if mode == "adaptive" else _INCREASE_KEYS,
+                "schedule.batch_increase")
+    return increase
+
+
+def _adaptive(increase: Mapping, warmup_end: float) -> AdaptiveBatch:
+    """The ``AdaptiveBatch`` rule of a ``batch_increase`` section with ``mode: adaptive``
+    (``start_epoch`` defaults to ``warmup_end``); its values are checked by ``Schedule``."""
+    path = "schedule.batch_increase"
+    return AdaptiveBatch(
+        max_batch=_get(increase, "max_batch", path, int),
+        factor=_get(increase, "factor", path, float, 2.0),
+        margin=_get(increase, "margin", path, float, None),
+        interval=_get(increase, "interval", path, int, 100),
+        start_epoch=_get(increase, "start_epoch", path, float, warmup_end),
+        smoothing=_get(increase, "smoothing", path, float, 0.9))
 
 
 # -- presets ----------------------------------------------------------------------------------
@@ -183,8 +225,10 @@ def _recipe(cfg: dict, common: dict) -> Schedule:
         phases.append(cosine_decay(*span, lr=lr, end_lr=_get(decay, "end_lr", path, float, 0.0),
                                    **shared))
 
+    increase = _increase_section(cfg)
+    if increase is not None and increase.get("mode") == "adaptive":
+        return Schedule(phases=phases, adaptive=_adaptive(increase, decay_start), **common)
     schedule = Schedule(phases=phases, **common)
-    increase = _section(cfg, "batch_increase", "schedule.batch_increase", _INCREASE_KEYS)
     if increase is not None:
         schedule = increase_batch(schedule,
                                   _get(increase, "max_batch", "schedule.batch_increase", int),

@@ -96,6 +96,48 @@ class SchedulePoint:
 
 
 @dataclass(frozen=True)
+class AdaptiveBatch:
+    """``schedule.batch_increase: {mode: adaptive, ...}``: the global batch is decided while
+    training, from the measured gradient noise scale (McCandlish et al. 2018's B_simple).
+
+    Every ``interval`` updates (counted from the start of training) whose next iteration starts
+    at or after ``start_epoch``, the ranks take one decision together: when the smoothed B_simple
+    is at least ``margin`` times the current global batch B, B becomes ``factor`` x B, capped at
+    ``max_batch`` and rounded down to what the ranks can split (``schedules.adaptive``); the lr
+    keeps following the schedule's curve (Smith et al.: increase the batch instead of decaying
+    the lr). ``smoothing`` is the decay per measurement of the exponential moving averages the
+    estimate is the ratio of (``train.noise_scale_every`` iterations apart). Batches are global
+    (all ranks); ``interval`` is in updates (iterations), ``start_epoch`` in epochs.
+
+    Only the batch changes: a decision sets the global batch of every later iteration (of the
+    configured later phases too). The phases keep their lr curves, so every phase from
+    ``start_epoch`` on must have a constant lr (a step decay is fine).
+    """
+
+    max_batch: int
+    factor: float = 2.0
+    margin: float | None = None  # None: equal to factor (grow while B x factor <= B_simple)
+    interval: int = 100
+    start_epoch: float = 0.0
+    smoothing: float = 0.9
+
+    @property
+    def threshold(self) -> float:
+        """The ratio B_simple / B at or above which the batch grows (``margin``, else
+        ``factor``)."""
+        return self.factor if self.margin is None else self.margin
+
+    def to_config(self) -> dict:
+        """This rule as a ``schedule.batch_increase`` mapping (``from_config`` reads it back)."""
+        config = {"mode": "adaptive", "max_batch": self.max_batch, "factor": self.factor,
+                  "interval": self.interval, "start_epoch": self.start_epoch,
+                  "smoothing": self.smoothing}
+        if self.margin is not None:
+            config["margin"] = self.margin
+        return config
+
+
+@dataclass(frozen=True)
 class _Run:
     """Consecutive iterations of one phase inside one epoch."""
 
@@ -123,6 +165,9 @@ class Schedule:
         nesterov: the recipe uses Nesterov momentum (recorded for the optimizer, which owns it).
         workers: the number of ranks the recipe was written for (``None``: not stated).
         name, source: a short name and where the recipe comes from.
+        adaptive: an ``AdaptiveBatch`` rule when the batch is decided at run time (the phases
+            then hold the batch so far: the first batch, and the decisions applied with
+            ``with_batch_from``); None for a batch fixed in advance.
 
     Bad phases raise ``ConfigError`` naming ``schedule.phases[k].<field>``.
     """
@@ -134,6 +179,7 @@ class Schedule:
     workers: int | None = None
     name: str = ""
     source: str = ""
+    adaptive: AdaptiveBatch | None = None
     _bounds: tuple[Fraction, ...] = field(init=False, repr=False, compare=False)
     _runs_cache: dict = field(init=False, repr=False, compare=False)
 
@@ -199,6 +245,43 @@ class Schedule:
         if not self.drop_last and _exact(previous_end).denominator != 1:
             raise ConfigError("schedule.drop_last", f"training ends mid-epoch (epoch "
                               f"{previous_end:g}); a partial last epoch needs drop_last: true")
+        if self.adaptive is not None:
+            self._check_adaptive()
+
+    def _check_adaptive(self) -> None:
+        """The ``AdaptiveBatch`` rule's values, and the phases it can change."""
+        a, key = self.adaptive, "schedule.batch_increase"
+        if not isinstance(a, AdaptiveBatch):
+            raise ConfigError(key, f"must be an AdaptiveBatch, got {type(a).__name__}")
+        first = self.phases[0].global_batch
+        if not isinstance(a.max_batch, Integral) or isinstance(a.max_batch, bool) \
+                or a.max_batch < first:
+            raise ConfigError(f"{key}.max_batch", f"must be an integer >= the first global "
+                              f"batch ({first}), got {a.max_batch!r}")
+        if a.max_batch > self.dataset_size:
+            raise ConfigError(f"{key}.max_batch",
+                              f"{a.max_batch} is larger than the dataset (N={self.dataset_size})")
+        if not (isinstance(a.factor, Real) and math.isfinite(a.factor) and a.factor > 1):
+            raise ConfigError(f"{key}.factor", f"must be a number > 1, got {a.factor!r}")
+        if a.margin is not None and not (isinstance(a.margin, Real) and math.isfinite(a.margin)
+                                         and a.margin > 0):
+            raise ConfigError(f"{key}.margin", f"must be a number > 0, got {a.margin!r}")
+        if not isinstance(a.interval, Integral) or isinstance(a.interval, bool) or a.interval < 1:
+            raise ConfigError(f"{key}.interval",
+                              f"must be an integer >= 1 (updates), got {a.interval!r}")
+        if not (isinstance(a.smoothing, Real) and 0 <= a.smoothing < 1):
+            raise ConfigError(f"{key}.smoothing", f"must be in [0, 1), got {a.smoothing!r}")
+        if not (isinstance(a.start_epoch, Real) and 0 <= a.start_epoch < self.epochs):
+            raise ConfigError(f"{key}.start_epoch", f"must be in [0, {self.epochs:g}) epochs, "
+                              f"got {a.start_epoch!r}")
+        for k, p in enumerate(self.phases):
+            if p.shape != "constant" and p.end_epoch > a.start_epoch:
+                raise ConfigError(f"{key}.start_epoch",
+                                  f"the adaptive batch changes only the batch, so the lr must "
+                                  f"be constant where it may change: phase {k} (epochs "
+                                  f"{p.start_epoch:g}-{p.end_epoch:g}) has a {p.shape} lr; "
+                                  f"start at epoch {p.end_epoch:g} or later, or use a step "
+                                  f"decay")
 
     # -- shape of the run -----------------------------------------------------------------
 
@@ -350,12 +433,61 @@ class Schedule:
                     f"is not divisible by world size {world_size} x micro-batches "
                     f"{micro_batches} = {parts}")
 
+    def with_batch_from(self, epoch: int, iteration: int, batch: int) -> Schedule:
+        """The same schedule with global batch ``batch`` from iteration ``iteration`` of
+        ``epoch`` on (an adaptive batch decision). Iterations before it, and every lr and
+        momentum, are unchanged.
+
+        The phase holding the iteration is split exactly where the iteration starts (a float
+        boundary that ``epoch_batches`` reads as that sample of the epoch), so the batches before
+        it are those of this schedule; a phase with a non-constant lr cannot be split
+        (``ValueError``: its curve would restart).
+        """
+        runs, starts = self._runs(epoch)
+        total = starts[-1] + runs[-1].count
+        if not isinstance(iteration, Integral) or not 0 <= iteration < total:
+            raise IndexError(f"iteration {iteration!r} is outside epoch {epoch}'s 0..{total - 1}")
+        j = bisect.bisect_right(starts, iteration) - 1
+        sample = runs[j].first_sample + (iteration - starts[j]) * runs[j].batch
+        boundary = self._boundary(epoch, sample)
+        at = _exact(boundary)
+        phases = []
+        for k, p in enumerate(self.phases):
+            if self._bounds[k] <= at:  # ends before the change
+                phases.append(p)
+            elif _exact(p.start_epoch) >= at:  # starts after it
+                phases.append(dataclasses.replace(p, global_batch=batch))
+            else:
+                if p.shape != "constant":
+                    raise ValueError(f"phase {k} (epochs {p.start_epoch:g}-{p.end_epoch:g}) has "
+                                     f"a {p.shape} lr and cannot be split at epoch {boundary!r}")
+                phases += [dataclasses.replace(p, end_epoch=boundary),
+                           dataclasses.replace(p, start_epoch=boundary, global_batch=batch)]
+        return dataclasses.replace(self, phases=tuple(phases))
+
+    def _boundary(self, epoch: int, sample: int) -> float:
+        """A float epoch ``b`` that the schedule reads as sample ``sample`` of ``epoch``
+        (``_threshold(b, epoch) == sample``): an existing phase boundary when one is there, else
+        the float nearest to ``epoch + sample / N`` that rounds the right way."""
+        for k, bound in enumerate(self._bounds[:-1]):
+            if epoch <= bound <= epoch + 1 and self._threshold(bound, epoch) == sample:
+                return self.phases[k].end_epoch
+        value = float(epoch + Fraction(sample, self.dataset_size))
+        for _ in range(64):  # a few ulps at most
+            got = self._threshold(_exact(value), epoch)
+            if got == sample:
+                return value
+            value = math.nextafter(value, -math.inf if got > sample else math.inf)
+        raise AssertionError(f"no float boundary for sample {sample} of epoch {epoch}")
+
     def to_config(self) -> dict:
         """This schedule as an explicit ``schedule:`` section (``from_config`` reads it back)."""
         config = {"name": self.name, "source": self.source, "dataset_size": self.dataset_size,
                   "drop_last": self.drop_last, "nesterov": self.nesterov}
         if self.workers is not None:
             config["workers"] = self.workers
+        if self.adaptive is not None:
+            config["batch_increase"] = self.adaptive.to_config()
         config["phases"] = []
         for p in self.phases:
             entry = {"end_epoch": p.end_epoch, "global_batch": p.global_batch,

@@ -26,7 +26,6 @@ replace ranks.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 
 import horovod.torch as hvd
@@ -106,13 +105,13 @@ class TrainerState(ObjectState):
         first = self.committed is None
         self.watchdog.mark("elastic setup: indexing the data, building the model")
         # after the first start the folder is this run's own: its checkpoint is not refused
+        # the committed state: weights, the batches decided so far (an adaptive batch) and
+        # the data position, split for this world (a copy: loading aliases tensors that steps
+        # update)
         run = agreed_run(self.cfg, hvd, resume=self.resume if first else None,
-                         synthetic=self.synthetic, overwrite=self.overwrite or not first)
-        if self.committed is not None:
-            state = copy.deepcopy(self.committed)  # loading aliases tensors that steps update
-            run.model.load_state_dict(state["model"])
-            run.sampler.load_state_dict(state["sampler"])  # same position, this world's split
-            run = dataclasses.replace(run, checkpoint=state, checkpoint_path=COMMITTED)
+                         synthetic=self.synthetic, overwrite=self.overwrite or not first,
+                         state=None if first else copy.deepcopy(self.committed),
+                         state_name=COMMITTED)
         self.trainer = Trainer(run, hvd, self.watchdog)
         self.trainer.on_save = self.commit
         return self.trainer

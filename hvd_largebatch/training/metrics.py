@@ -140,6 +140,12 @@ class ProgressBar:
                                   batch=batch, **extra, refresh=False)
             self._bar.update(steps)
 
+    def set_total(self, total: int) -> None:
+        """The epoch now has ``total`` iterations (an adaptive batch grew)."""
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

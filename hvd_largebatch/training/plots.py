@@ -8,6 +8,8 @@ values of the last iteration of its logging window).
 * ``plot_comparison``: one figure for several runs (the demo's schedules): validation error
   against epochs and updates, validation loss against updates, and global batch, lr and noise
   scale against epochs (log scales).
+* ``plot_adaptive``: adaptive batch runs (one panel per run): the global batch, the measured
+  gradient noise scale B_simple and the threshold the batch grows at, against updates.
 """
 from __future__ import annotations
 
@@ -24,6 +26,16 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt, fig, path: str, title: str = "") -> str:
+    """Title, lay out, write and close ``fig``; returns ``path``."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _series(rows: Sequence[dict], kind: str, x: str, y: str) -> tuple[list, list]:
@@ -69,11 +81,8 @@ def plot_run(csv_path: str, out_dir: str, title: str = "") -> list[str]:
             ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3)
             ax.legend()
-    fig.suptitle(title or os.path.basename(os.path.dirname(os.path.abspath(csv_path))))
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "curves.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(plt, fig, os.path.join(out_dir, "curves.png"),
+                       title or os.path.basename(os.path.dirname(os.path.abspath(csv_path)))))
 
     fig, lr_ax = plt.subplots(figsize=(8, 4.5))
     x, lr = _series(rows, "train", "epoch_float", "lr")
@@ -86,11 +95,8 @@ def plot_run(csv_path: str, out_dir: str, title: str = "") -> list[str]:
     batch_ax.set_ylabel("global batch", color="tab:orange")
     batch_ax.set_yscale("log", base=2)
     lr_ax.grid(alpha=0.3)
-    fig.suptitle((title + ": " if title else "") + "lr and global batch")
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "schedule.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(plt, fig, os.path.join(out_dir, "schedule.png"),
+                       (title + ": " if title else "") + "lr and global batch"))
     return paths
 
 
@@ -123,9 +129,29 @@ def plot_comparison(runs: Mapping[str, str], out_path: str, title: str = "") -> 
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     axes[1][0].set_yscale("log", base=2)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return _save(plt, fig, out_path, title)
+
+
+def plot_adaptive(runs: Mapping[str, str], out_path: str, threshold: float, title: str = "") -> str:
+    """One panel per adaptive batch run (label -> metrics.csv path): the global batch (steps),
+    the smoothed B_simple logged with each row (``grad_noise_scale``, samples) and ``threshold``
+    x the batch, above which a decision grows the batch, against parameter updates (log
+    scale). Returns ``out_path``."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 4.2), sharey=True,
+                             squeeze=False)
+    for ax, (label, path) in zip(axes[0], runs.items()):
+        rows = read_metrics(path)
+        updates, batch = _series(rows, "train", "updates", "global_batch")
+        ax.step(updates, batch, where="pre", label="global batch B")
+        ax.step(updates, [threshold * b for b in batch], where="pre", linestyle="--",
+                label=f"{threshold:g} x B: grows above")
+        ax.plot(*_series(rows, "train", "updates", "grad_noise_scale"), ".", ms=3,
+                label="measured B_simple")
+        ax.set_xlabel("parameter updates")
+        ax.set_yscale("log")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("samples")
+    axes[0][0].legend(fontsize=8)
+    return _save(plt, fig, out_path, title)

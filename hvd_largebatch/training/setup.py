@@ -48,7 +48,8 @@ no LARS adaptation. The wrapper is :class:`~hvd_largebatch.distributed.Distribut
 gradients *summed* over ranks (``op=hvd.Sum``): the trainer divides each micro-batch's summed
 loss by the global batch, so the sum is the exact mean gradient of the global batch. The lr and
 momentum are held on the device (:func:`build_optimizer`); ``train.precision: fp16`` adds dynamic
-loss scaling fused into the step.
+loss scaling fused into the step. With an adaptive batch the noise-scale estimator's averages
+decay by ``schedule.batch_increase.smoothing`` per measurement.
 
 ``--synthetic`` (rehearsal): any config, shrunk to a few iterations on random data, so that a
 job (for example a 256-GPU ImageNet config) can be rehearsed on a laptop before it is queued.
@@ -69,6 +70,9 @@ curve shapes, Nesterov, ``drop_last``, micro-batch cap, checkpointing, logging -
   phase (``epochs_k`` long after the stretch) spans at least ``SAMPLES_PER_PHASE`` of its
   batches and runs at least one iteration; one validation pass of ``B'_max`` samples.
   ``model.num_classes`` (else the data's class count when the data is there, else 1000) is kept.
+* **adaptive batch**: the cap scaled as the batches, ``start_epoch`` stretched as the phases,
+  and the decision ``interval`` shrunk with the run (at least one update), so that the rehearsal
+  takes its decisions too.
 * **device**: ``auto`` (a job written for GPUs rehearses on a laptop's CPU).
 * **output**: ``<output.dir>-synthetic``, with a metrics row every iteration.
 """
@@ -91,6 +95,7 @@ from hvd_largebatch.errors import ConfigError, DataError, DistributedMismatchErr
 from hvd_largebatch.lars import DynamicLossScale, FusedLARS, param_groups
 from hvd_largebatch.models import build_model, use_ghost_batch_norm
 from hvd_largebatch.schedules import Schedule, accumulation_steps
+from hvd_largebatch.schedules.adaptive import replay
 from hvd_largebatch.training.agreement import check_agreement, describe_data
 from hvd_largebatch.training.checkpoint import (check_model_matches, check_output_dir,
                                                 load_checkpoint, resolve_resume, resume_changes)
@@ -205,17 +210,28 @@ def micro_batch_plan(schedule: Schedule, world_size: int, max_per_rank_batch: in
 
 def setup_run(cfg: Config, *, resume: str | None, synthetic: bool, world_size: int, rank: int,
               local_rank: int, local_size: int = 1, overwrite: bool = False,
-              checks: dict | None = None) -> Run:
+              checks: dict | None = None, state: dict | None = None,
+              state_name: str | None = None) -> Run:
     """Build and check the run on this rank (no collective; see the module docstring).
     ``overwrite``: a fresh start may replace a checkpoint in ``output.dir`` (checked on rank 0,
     the rank that writes, with the folder's writability). ``checks``: the image check's results
-    (``data_check.check_run_data``), whose unusable files are left out of the indexes."""
+    (``data_check.check_run_data``), whose unusable files are left out of the indexes.
+    ``state``: a checkpoint already in memory to continue from instead of ``resume``'s file (an
+    elastic commit), called ``state_name`` in messages."""
     if synthetic:
         cfg, schedule, data = _rehearsal(cfg, world_size)
     else:
         data = index_data(cfg, stated_dataset_size(cfg), checks,
                           check_share=(local_rank, local_size))
         schedule = build_schedule(cfg, data.num_train)
+    path = state_name if state is not None else resolve_resume(resume, cfg.output.dir)
+    if rank == 0:
+        check_output_dir(cfg.output.dir, resuming=path is not None, overwrite=overwrite)
+    if state is None and path is not None:
+        state = load_checkpoint(path)
+    if state is not None:  # the batches an adaptive run decided so far
+        schedule = replay(schedule, state.get("batch_decisions", ()))
+    check_adaptive(cfg, schedule, world_size)
     if cfg.train.deterministic:
         deterministic_algorithms()
     device = resolve_device(cfg.train.device, local_rank)
@@ -229,12 +245,8 @@ def setup_run(cfg: Config, *, resume: str | None, synthetic: bool, world_size: i
     model = model.to(memory_format=memory_format(cfg, device))
     sampler = GlobalSampler(schedule.dataset_size, schedule, world_size, rank,
                             seed=cfg.train.seed, drop_last=schedule.drop_last)
-    path = resolve_resume(resume, cfg.output.dir)
-    if rank == 0:
-        check_output_dir(cfg.output.dir, resuming=path is not None, overwrite=overwrite)
-    state, changes = None, []
-    if path is not None:
-        state = load_checkpoint(path)
+    changes = []
+    if state is not None:
         check_model_matches(state, path, cfg.model.name, cfg.model.options, data.num_classes)
         changes = resume_changes(state["config"], cfg.to_dict(), path)
         try:
@@ -244,6 +256,25 @@ def setup_run(cfg: Config, *, resume: str | None, synthetic: bool, world_size: i
         sampler.load_state_dict(state["sampler"])  # ConfigError if the schedule changed
     return Run(cfg, schedule, data, model, sampler, device, micro, state, path, world_size, rank,
                tuple(changes))
+
+
+def check_adaptive(cfg: Config, schedule: Schedule, world_size: int) -> None:
+    """ConfigError unless an adaptive batch (``schedule.batch_increase.mode: adaptive``) can be
+    decided in this run: B_simple is measured from the ranks' local gradients and their average,
+    so it needs two ranks or more, measurements (``train.noise_scale_every``), and an optimizer
+    step that is not replayed from a CUDA graph (which does not measure)."""
+    if schedule.adaptive is None:
+        return
+    key = "schedule.batch_increase.mode"
+    if world_size < 2:
+        raise ConfigError(key, "adaptive measures the gradient noise scale from the ranks' own "
+                          "gradients and their average: it needs 2 or more ranks (this run has 1)")
+    if not cfg.train.noise_scale_every:
+        raise ConfigError("train.noise_scale_every", "must be >= 1 with an adaptive batch "
+                          "(schedule.batch_increase.mode: adaptive decides from the measurement)")
+    if cfg.train.cuda_graph != "none":
+        raise ConfigError("train.cuda_graph", "a graphed optimizer step measures no noise scale: "
+                          "use none with an adaptive batch (schedule.batch_increase.mode)")
 
 
 def _rehearsal(cfg: Config, world_size: int) -> tuple[Config, Schedule, DataSets]:
@@ -263,10 +294,12 @@ def _rehearsal(cfg: Config, world_size: int) -> tuple[Config, Schedule, DataSets
 
 
 def agreed_run(cfg: Config, hvd, *, resume: str | None, synthetic: bool,
-               overwrite: bool = False) -> Run:
+               overwrite: bool = False, state: dict | None = None,
+               state_name: str | None = None) -> Run:
     """The checked run on this rank, agreed by all ranks (collective, after ``hvd.init()``):
     ``SetupError`` on every rank when any fails; ``DistributedMismatchError`` on every rank when
-    their data sets or resume points differ (``training/agreement.py``)."""
+    their data sets or resume points differ (``training/agreement.py``). ``state``,
+    ``state_name``: as :func:`setup_run`'s."""
     if cfg.data.source == "digits" and not synthetic:
         agree(hvd, lambda: prepare_digits(cfg.data) if hvd.rank() == 0 else None, "writing digits")
     # every image checked once (shared by the ranks), before any rank decodes one
@@ -275,7 +308,8 @@ def agreed_run(cfg: Config, hvd, *, resume: str | None, synthetic: bool,
     run = agree(hvd, lambda: setup_run(cfg, resume=resume, synthetic=synthetic,
                                        world_size=hvd.size(), rank=hvd.rank(),
                                        local_rank=hvd.local_rank(), local_size=hvd.local_size(),
-                                       overwrite=overwrite, checks=checks))
+                                       overwrite=overwrite, checks=checks, state=state,
+                                       state_name=state_name))
     check_agreement(hvd, describe_run(run), "data and resume point")
     return run
 
@@ -401,8 +435,18 @@ def rehearsal_schedule(schedule: Schedule, world_size: int) -> Schedule:
     name = f"{schedule.name} (synthetic rehearsal)" if schedule.name else "synthetic rehearsal"
     # a partial last epoch cannot keep every sample once: rehearse it with drop_last
     drop_last = schedule.drop_last or (phases[-1].end_epoch % 1 != 0)
-    return dataclasses.replace(schedule, dataset_size=n, phases=tuple(phases),
-                               drop_last=drop_last, name=name)
+    rehearsal = dataclasses.replace(schedule, dataset_size=n, phases=tuple(phases),
+                                    drop_last=drop_last, name=name, adaptive=None)
+    rule = schedule.adaptive
+    if rule is None:
+        return rehearsal
+    # the adaptive batch: cap scaled like the batches, start stretched, decisions as many
+    # times per run as in the real one (at least every update)
+    cap = world_size * max(1, round(rule.max_batch * s / world_size))
+    interval = max(1, round(rule.interval * rehearsal.total_updates / schedule.total_updates))
+    rule = dataclasses.replace(rule, max_batch=cap, start_epoch=rule.start_epoch * stretch,
+                               interval=interval)
+    return dataclasses.replace(rehearsal, dataset_size=max(n, cap), adaptive=rule)
 
 
 def rehearsal_config(cfg: Config, num_classes: int, val_samples: int) -> Config:
@@ -441,7 +485,9 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, schedule, point, micro_
     wrapped = DistributedOptimizer(opt, named_parameters=model.named_parameters(),
                                    backward_passes_per_step=micro_batches, op=hvd.Sum,
                                    shard_optimizer_state=o.shard_optimizer_state,
-                                   global_batch=point.global_batch)
+                                   global_batch=point.global_batch,
+                                   **({"noise_scale_decay": schedule.adaptive.smoothing}
+                                      if schedule.adaptive is not None else {}))
     return wrapped
 
 

@@ -53,6 +53,19 @@ later), or when the weights or BN statistics hold a non-finite value at a checkp
 stops on every rank with :class:`Diverged`: no checkpoint is written (the last good one stays),
 ``summary.json`` says ``"status": "diverged"`` and why, and the command exits with status 3.
 
+Adaptive batch (``schedule.batch_increase.mode: adaptive``, :mod:`hvd_largebatch.schedules.adaptive`).
+After every update where a decision is due (every ``interval`` updates from ``start_epoch``,
+below the cap) rank 0's smoothed noise-scale averages are broadcast (one collective, the only
+host synchronization it adds) and every rank computes the same decision from the same numbers:
+the batch grows from the next iteration on when B_simple >= threshold x B. The schedule is then
+split there (``Schedule.with_batch_from``), the sampler follows it from its position, the
+loader is rebuilt for the new per-rank batch and micro-batch count, and the lr keeps its curve.
+Every decision (kept or grown) is logged: a line on stderr when the batch grows,
+``batch_decisions.json`` in ``output.dir``, ``summary.json``; the checkpoint holds the decisions
+and the estimator's averages, and ``--resume`` replays the decisions on the configured schedule
+(any world size that divides the batches), so a resumed run continues with the batches it had
+and, on the same world size, takes the same later decisions.
+
 Progress is reported to a :class:`~hvd_largebatch.training.watchdog.Watchdog` before every phase
 that waits on other ranks or on storage; ``train.stall_timeout_s`` without progress ends the job.
 """
@@ -71,7 +84,9 @@ import torch.nn.functional as F
 import yaml
 
 from hvd_largebatch.models import apply_ghost_bn_statistics, ghost_bn_statistics
+from hvd_largebatch.distributed.noise_scale import ratio
 from hvd_largebatch.schedules import noise_scale
+from hvd_largebatch.schedules.adaptive import BatchDecision, decide, decision_due, next_iteration
 from hvd_largebatch.errors import ConfigError
 from hvd_largebatch.training.agreement import check_agreement, describe_config
 from hvd_largebatch.training.checkpoint import CHECKPOINT_NAME, save_checkpoint
@@ -80,11 +95,12 @@ from hvd_largebatch.training.cuda_graph import CapturedStep
 from hvd_largebatch.training.metrics import MetricsLogger, ProgressBar
 from hvd_largebatch.training.process import horovod_stall_settings, set_torch_threads
 from hvd_largebatch.training.setup import (Run, agree, agreed_run, build_optimizer,
-                                           horovod_environment, memory_format, train_loader,
-                                           val_loader)
+                                           horovod_environment, memory_format, micro_batch_plan,
+                                           train_loader, val_loader)
 from hvd_largebatch.training.watchdog import Watchdog
 
 SUMMARY_NAME = "summary.json"
+DECISIONS_NAME = "batch_decisions.json"
 _PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: the loaders' output dtype per train.precision: inputs arrive in the autocast dtype
 _INPUT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -181,6 +197,7 @@ class Trainer:
                               dtype=_INPUT_DTYPES[self.cfg.train.precision])
         self.epoch, self.step, self.updates, self.samples, self.wall_time = 0, 0, 0, 0, 0.0
         self.skipped_steps = 0  # updates skipped for non-finite gradients (whole run)
+        self.decisions: list[BatchDecision] = []  # adaptive batch decisions (whole run)
         if run.checkpoint is not None:
             self._restore(run.checkpoint)
         else:
@@ -249,6 +266,8 @@ class Trainer:
             "rng": rngs, "world_size": self.run.world_size,
             "config": self.cfg.to_dict(), "schedule": self.schedule.to_config(),
             "loss_scale": None if self.loss_scale is None else self.loss_scale.state_dict(),
+            "noise_scale": self.optimizer.noise_scale_state_dict(),
+            "batch_decisions": [d.to_dict() for d in self.decisions],
         }
 
     def _restore(self, state: dict) -> None:
@@ -261,6 +280,9 @@ class Trainer:
         self.updates, self.samples = state["updates"], state["samples"]
         self.wall_time = state["wall_time"]
         self.skipped_steps = state.get("skipped_steps", 0)  # absent from older checkpoints
+        self.decisions = [BatchDecision.from_dict(d) for d in state.get("batch_decisions", ())]
+        if state.get("noise_scale") is not None:
+            self.optimizer.load_noise_scale_state_dict(state["noise_scale"])
         rngs = state["rng"]
         local = state.get("bn_local")
         if local is not None and len(local) == self.run.world_size:
@@ -346,6 +368,9 @@ class Trainer:
             bar = ProgressBar(self.is_root and self.cfg.output.progress, epoch, total, self.step)
             while self.step < total:
                 self._iteration(epoch, bar)
+                if self._adapt_batch(epoch):
+                    total = self.sampler.num_steps(epoch)
+                    bar.set_total(total)
                 self.wall_time = time.perf_counter() - start
                 if self._checkpoint_due() and self.step < total:
                     self.save()
@@ -403,6 +428,52 @@ class Trainer:
         self._last_k = k
         if self._window_steps >= self.cfg.train.log_every:
             self._flush_window(epoch, bar=bar)
+
+    def _adapt_batch(self, epoch: int) -> bool:
+        """The adaptive batch decision after this update, when one is due (see the module
+        docstring; collective then, on every rank alike). True when the batch grew."""
+        after = next_iteration(self.schedule, epoch, self.step)
+        if after is None:
+            return False
+        batch = self.schedule.at(*after).global_batch  # the next iteration's, if kept
+        if not decision_due(self.schedule, self.updates, *after, batch):
+            return False
+        self.watch.mark(f"adaptive batch decision (batch.adaptive) after update {self.updates}")
+        averages = self.optimizer.noise_scale_averages()
+        averages = (averages.cpu() if averages is not None
+                    else torch.full((2,), math.nan, dtype=torch.float32))
+        measured = ratio(*self.hvd.broadcast(averages, root_rank=0, name="batch.adaptive").tolist())
+        rule, cfg = self.schedule.adaptive, self.cfg.train
+        new = decide(measured, batch, rule, self.run.world_size, cfg.max_per_rank_batch,
+                     cfg.bn_group)
+        decision = BatchDecision(self.updates, *after, measured, batch, new)
+        self.decisions.append(decision)
+        if decision.grew:
+            self._follow(self.schedule.with_batch_from(*after, new))
+        if self.is_root:
+            self._write_decisions()
+            if decision.grew:
+                print(f"hvd-largebatch train: update {self.updates}: B_simple {measured:.1f} >= "
+                      f"{rule.threshold:g} x {batch}: global batch {batch} -> {new} from epoch "
+                      f"{after[0]}, iteration {after[1]}", file=sys.stderr, flush=True)
+        return decision.grew
+
+    def _follow(self, schedule) -> None:
+        """Train along ``schedule`` from the next iteration on (an adaptive batch decision)."""
+        cfg = self.cfg.train
+        micro = micro_batch_plan(schedule, self.run.world_size, cfg.max_per_rank_batch,
+                                 cfg.bn_group)
+        self.sampler.set_schedule(schedule)
+        self.schedule = self.run.schedule = schedule
+        self.run.micro_batches = micro
+        self._close_loader()  # it reads ahead, with pipelines sized for the old batch
+
+    def _write_decisions(self) -> None:
+        """``batch_decisions.json`` (rank 0): the adaptive batch decisions so far."""
+        path = os.path.join(self.cfg.output.dir, DECISIONS_NAME)
+        with open(path + ".tmp", "w") as f:
+            json.dump([d.to_dict() for d in self.decisions], f, indent=1)
+        os.replace(path + ".tmp", path)
 
     def _count_skip(self, skipped: torch.Tensor) -> None:
         """Add the last step's skip flag (0-dim bool, on the device) to the device counters."""
@@ -633,6 +704,9 @@ class Trainer:
             "skipped_steps": self.skipped_steps, "max_consecutive_skipped": self.max_skip_run,
             "last_checkpoint_updates": self.last_saved,
             "wall_time": self.wall_time, "output_dir": self.cfg.output.dir,
+            **({"batch_decisions": [d.to_dict() for d in self.decisions if d.grew],
+                "final_global_batch": self._last_point.global_batch}
+               if self.schedule.adaptive is not None else {}),
             **({"error": error} if error else {}),
             **{f"val_{k}": v for k, v in (last_eval or {}).items()},
         }

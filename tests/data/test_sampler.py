@@ -220,3 +220,32 @@ def test_real_schedule_with_growing_batch(drop_last):
             assert np.array_equal(order, reference)
     epoch1 = schedule.epoch_batches(1)
     assert 96 in epoch1 and 192 in epoch1  # the batch grows inside epoch 1
+
+
+def test_set_schedule_continues_from_the_position():
+    from hvd_largebatch.schedules import from_config
+
+    # an adaptive batch decision after 7 iterations of epoch 1: batch 8 -> 24 from there on
+    n = 200
+    base = from_config({"dataset_size": n, "epochs": 3, "batch": 8, "lr": 0.1,
+                        "batch_increase": {"mode": "adaptive", "max_batch": 48}})
+    grown = base.with_batch_from(1, 7, 24)
+    switched = all_ranks(n, base, 2, True, seed=3)
+    for s in switched:
+        list(s.epoch(0))
+    steps = []
+    for step in zip(*(s.epoch(1) for s in switched)):
+        steps.append(np.concatenate(step))
+        if len(steps) == 7:
+            break
+    for s in switched:
+        s.set_schedule(grown)
+    steps += [np.concatenate(step) for step in zip(*(s.epoch(1) for s in switched))]
+    # the same as a sampler that followed the grown schedule from the start
+    reference = [np.concatenate(step) for step in read_epoch(all_ranks(n, grown, 2, True, seed=3), 1)]
+    assert len(steps) == len(reference) == 7 + (n - 56) // 24
+    assert all(np.array_equal(a, b) for a, b in zip(steps, reference))
+    # a schedule that changes iterations already read is refused, the position kept
+    with pytest.raises(ValueError, match="already"):
+        switched[0].set_schedule(base.with_batch_from(1, 2, 16))
+    assert switched[0].schedule is grown

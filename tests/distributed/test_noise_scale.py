@@ -105,3 +105,23 @@ def test_bad_arguments():
         unbiased_estimates(torch.tensor(1.0), torch.tensor(1.0), 8, 8)
     with pytest.raises(ValueError, match="decay"):
         NoiseScaleEstimator(decay=1.0)
+
+
+def test_state_round_trip_continues_exactly():
+    # a resumed run must continue the averages (an adaptive batch decides from them)
+    steps = [(torch.tensor(3.0 + k), torch.tensor(1.0 + 0.1 * k)) for k in range(6)]
+    straight = NoiseScaleEstimator(0.7)
+    for local, global_ in steps:
+        straight.update(local, global_, 4, 16)
+    first = NoiseScaleEstimator(0.7)
+    for local, global_ in steps[:3]:
+        first.update(local, global_, 4, 16)
+    resumed = NoiseScaleEstimator(0.7)
+    resumed.load_state_dict(first.state_dict())
+    for local, global_ in steps[3:]:
+        resumed.update(local, global_, 4, 16)
+    assert torch.equal(resumed.averages(), straight.averages())
+    assert resumed.steps == straight.steps == 6 and resumed.value() == straight.value()
+    empty = NoiseScaleEstimator()
+    empty.load_state_dict(NoiseScaleEstimator().state_dict())
+    assert empty.averages() is None and empty.value() is None

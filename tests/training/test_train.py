@@ -364,6 +364,17 @@ def test_rehearsal_keeps_the_shape_of_goyal():
     assert small.nesterov and small.phase_updates == (3, 15, 18, 12, 6)
 
 
+def test_rehearsal_of_an_adaptive_batch():
+    full = from_config({"preset": "goyal_1h",
+                        "batch_increase": {"mode": "adaptive", "max_batch": 32768}})
+    small = rehearsal_schedule(full, world_size=2)
+    # batches 8192 -> 4, so the cap 32768 -> 16; the start (the 5-epoch warmup's end) is
+    # stretched to 5/30; 14,040 updates -> 54, so the interval 100 -> 1: decisions every update
+    assert (small.adaptive.max_batch, small.adaptive.interval) == (16, 1)
+    assert small.adaptive.start_epoch == pytest.approx(5 / 30)
+    assert small.adaptive.factor == 2 and small.total_updates == 54
+
+
 def test_micro_batch_plan():
     schedule = schedule_for_test()
     assert micro_batch_plan(schedule, 2, 16) == (1, 2, 3)
@@ -505,6 +516,17 @@ def test_demo_table_and_claim_line():
     assert compare(results, 400) == ("increasing batch vs decaying lr: 2.28x fewer parameter "
                                      "updates, validation top-1 +0.00 points (one validation "
                                      "image is 0.25 points)")
+    # the adaptive goal: mean top-1 >= 98.5 - 0.71 = 97.79, and fewer updates than 780
+    results["adaptive batch"] = [run(500, 97.9, 20.0), run(700, 97.8, 20.0)]
+    lines = compare(results, 400).splitlines()
+    assert lines[1].startswith("adaptive batch vs decaying lr: 2.97x fewer parameter updates, "
+                               "validation top-1 -0.65 points")
+    assert lines[2] == ("adaptive batch goal (decaying lr's seed spread, fewer updates than "
+                        "increasing batch): top-1 97.85 vs >= 97.79 (met); updates 600 vs 780 "
+                        "(met)")
+    results["adaptive batch"] = [run(800, 97.0, 20.0), run(800, 97.2, 20.0)]
+    assert compare(results, 400).splitlines()[2].endswith(
+        "top-1 97.10 vs >= 97.79 (NOT met); updates 800 vs 780 (NOT met)")
 
 
 
@@ -520,6 +542,8 @@ def test_demo_schedules_by_hand():
         "hybrid": ([16, 48, 48, 48], [lr, lr, lr / 3, lr / 9], 6 * 89 + 6 * 29 + 8 * 29),
         "increasing batch": ([16, 48, 144, 144], [lr, lr, lr, lr / 3], 6 * 89 + 6 * 29 + 8 * 9),
         "constant lr (control)": ([16], [lr], 20 * 89),
+        # decided at run time: starts at 16, lr / 3 at epoch 16 as in the increasing batch
+        "adaptive batch": ([16, 16], [lr, lr / 3], 20 * 89),
     }
     for label, (_, overrides) in SCHEDULES.items():
         schedule = build_schedule(load_config(CONFIG, overrides), N_TRAIN)
@@ -527,4 +551,7 @@ def test_demo_schedules_by_hand():
         assert [p.global_batch for p in schedule.phases] == batches, label
         assert [p.lr_start for p in schedule.phases] == pytest.approx(lrs), label
         assert schedule.total_updates == updates, label
+        assert (schedule.adaptive is not None) == (label == "adaptive batch"), label
+    rule = build_schedule(load_config(CONFIG, SCHEDULES["adaptive batch"][1]), N_TRAIN).adaptive
+    assert (rule.max_batch, rule.factor, rule.interval) == (144, 2, 50)
     assert (1780, 940, 780) == tuple(expected[k][2] for k in ("decaying lr", "hybrid", "increasing batch"))
