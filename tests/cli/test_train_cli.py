@@ -7,20 +7,8 @@ import sys
 import yaml
 
 from hvd_largebatch.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from configs import small_digits_config
 from launch import CLI, REPO
-
-
-
-
-def config(digits, out) -> dict:
-    return {
-        "model": {"name": "small_resnet", "options": {"width": 4, "blocks": 1}},
-        "data": {"source": "digits", "path": str(digits), "image_size": 8, "resize_shorter": 8,
-                 "workers": 1},
-        "schedule": {"epochs": 1, "batch": 64, "lr": 0.05},
-        "train": {"max_per_rank_batch": 64, "log_every": 10},
-        "output": {"dir": str(out), "progress": False, "plots": False, "tensorboard": False},
-    }
 
 
 def train(*args: str) -> subprocess.CompletedProcess:
@@ -49,14 +37,14 @@ def test_an_output_dir_that_cannot_be_written(digits, tmp_path):
     (tmp_path / "a_file").write_text("")
     out = tmp_path / "a_file" / "run"
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(config(digits, out)))
+    cfg.write_text(yaml.safe_dump(small_digits_config(digits, out)))
     assert the_error(train(cfg)) == (f"ConfigError: output.dir: {out}: cannot write there "
                                      f"(Not a directory)")
 
 
 def test_yaml_flow_mapping_without_a_space_names_the_stray_key(digits, tmp_path):
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(config(digits, tmp_path / "out")))
+    cfg.write_text(yaml.safe_dump(small_digits_config(digits, tmp_path / "out")))
     assert the_error(train(cfg, "--set", "schedule.decay={type:constant}")) == (
         "schedule.decay.type:constant: stray key 'type:constant': YAML reads 'type:constant' "
         "without a space after the colon as one key with no value; write 'type: constant'")
@@ -67,7 +55,7 @@ def test_a_folder_with_a_checkpoint_is_not_overwritten_without_overwrite(digits,
     save_checkpoint({"written_by": "the earlier run"}, str(out / CHECKPOINT_NAME))
     (out / "metrics.csv").write_text("kind,updates\ntrain,1\n")
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(config(digits, out)))
+    cfg.write_text(yaml.safe_dump(small_digits_config(digits, out)))
     assert the_error(train(cfg)) == (
         f"ConfigError: output.dir: {out} holds {CHECKPOINT_NAME} of an earlier run: continue it "
         f"with --resume auto, start over (replacing its checkpoint and metrics) with "

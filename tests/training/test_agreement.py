@@ -15,6 +15,7 @@ from hvd_largebatch.data import FileIndex
 from hvd_largebatch.training.agreement import (EXEMPT_KEYS, describe_config, mismatch,
                                                package_version)
 from hvd_largebatch.training.config import load_config
+from configs import small_digits_config
 from launch import CLI, MP, MPIRUN, run_command, run_ranks
 
 #: the job must end by itself well before this (the launcher helper kills it then)
@@ -22,20 +23,14 @@ HARD_TIMEOUT_S = 150
 #: ... and within this: setup is seconds; Gloo's own timeout (the fallback for a hang) is set
 #: far above it below, so a job that ends in time was ended by the agreement
 ENDS_WITHIN_S = 60
-NO_GLOO_FALLBACK = {"HOROVOD_GLOO_TIMEOUT_SECONDS": "600"}
-
-
 
 
 def config(digits: Path, out: Path) -> dict:
-    return {
-        "model": {"name": "small_resnet", "options": {"width": 4, "blocks": 1}},
-        "data": {"source": "digits", "path": str(digits), "image_size": 8, "resize_shorter": 8,
-                 "workers": 1},
-        "schedule": {"epochs": 1, "batch": 64, "lr": 0.05},
-        "train": {"max_per_rank_batch": 32, "log_every": 10},
-        "output": {"dir": str(out), "progress": False, "plots": False, "tensorboard": False},
-    }
+    """The shared small digits job, micro-batches of at most 32 samples."""
+    return small_digits_config(digits, out, max_per_rank_batch=32)
+
+
+NO_GLOO_FALLBACK = {"HOROVOD_GLOO_TIMEOUT_SECONDS": "600"}
 
 
 def write(path: Path, mapping: dict) -> Path:
