@@ -61,10 +61,10 @@ the batch grows from the next iteration on when B_simple >= threshold x B. The s
 split there (``Schedule.with_batch_from``), the sampler follows it from its position, the
 loader is rebuilt for the new per-rank batch and micro-batch count, and the lr keeps its curve.
 Every decision (kept or grown) is logged: a line on stderr when the batch grows,
-``batch_decisions.json`` in ``output.dir``, ``summary.json``; the checkpoint holds the decisions
-and the estimator's averages, and ``--resume`` replays the decisions on the configured schedule
-(any world size that divides the batches), so a resumed run continues with the batches it had
-and, on the same world size, takes the same later decisions.
+``batch_decisions.json`` and ``schedule.yaml`` (as decided) in ``output.dir``, ``summary.json``;
+the checkpoint holds the decisions and the estimator's averages, and ``--resume`` replays the
+decisions on the configured schedule (any world size that divides the batches), so a resumed run
+continues with the batches it had and, on the same world size, takes the same later decisions.
 
 Progress is reported to a :class:`~hvd_largebatch.training.watchdog.Watchdog` before every phase
 that waits on other ranks or on storage; ``train.stall_timeout_s`` without progress ends the job.
@@ -236,8 +236,7 @@ class Trainer:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.yaml"), "w") as f:
             yaml.safe_dump(self.cfg.to_dict(), f, sort_keys=False)
-        with open(os.path.join(out, "schedule.yaml"), "w") as f:
-            yaml.safe_dump(self.schedule.to_config(), f, sort_keys=False)
+        self._write_schedule()
         resumed = self.updates if self.run.checkpoint is not None else None
         self.logger = MetricsLogger(out, tensorboard=self.cfg.output.tensorboard,
                                     resume_updates=resumed)
@@ -451,7 +450,7 @@ class Trainer:
         if decision.grew:
             self._follow(self.schedule.with_batch_from(*after, new))
         if self.is_root:
-            self._write_decisions()
+            self._write_schedule()
             if decision.grew:
                 print(f"hvd-largebatch train: update {self.updates}: B_simple {measured:.1f} >= "
                       f"{rule.threshold:g} x {batch}: global batch {batch} -> {new} from epoch "
@@ -468,12 +467,21 @@ class Trainer:
         self.run.micro_batches = micro
         self._close_loader()  # it reads ahead, with pipelines sized for the old batch
 
-    def _write_decisions(self) -> None:
-        """``batch_decisions.json`` (rank 0): the adaptive batch decisions so far."""
-        path = os.path.join(self.cfg.output.dir, DECISIONS_NAME)
-        with open(path + ".tmp", "w") as f:
-            json.dump([d.to_dict() for d in self.decisions], f, indent=1)
-        os.replace(path + ".tmp", path)
+    def _write_schedule(self) -> None:
+        """``schedule.yaml`` (the schedule as decided so far) and, for an adaptive batch,
+        ``batch_decisions.json`` (its decisions so far: a resumed run's start from its
+        checkpoint's). Rank 0, at the start and after every decision."""
+        out = self.cfg.output.dir
+        files = [("schedule.yaml", lambda f: yaml.safe_dump(self.schedule.to_config(), f,
+                                                            sort_keys=False))]
+        if self.schedule.adaptive is not None:
+            files.append((DECISIONS_NAME, lambda f: json.dump(
+                [d.to_dict() for d in self.decisions], f, indent=1)))
+        for name, write in files:
+            path = os.path.join(out, name)
+            with open(path + ".tmp", "w") as f:
+                write(f)
+            os.replace(path + ".tmp", path)
 
     def _count_skip(self, skipped: torch.Tensor) -> None:
         """Add the last step's skip flag (0-dim bool, on the device) to the device counters."""

@@ -98,7 +98,10 @@ def test_the_batch_grows_exactly_when_the_rule_says(reference):
     # the realized schedule is what the sampler read: every update's batch adds up
     rows = train_rows(out)
     assert summary["samples"] == sum(r["global_batch"] for r in rows)
-    assert yaml.safe_load((out / "schedule.yaml").read_text())["batch_increase"]["mode"] == "adaptive"
+    # schedule.yaml is the schedule as decided: the first batch, then every growth
+    written = yaml.safe_load((out / "schedule.yaml").read_text())
+    assert written["batch_increase"]["mode"] == "adaptive"
+    assert [p["global_batch"] for p in written["phases"]] == [16] + [d["new_batch"] for d in grew]
     # the demo's plot of batch and B_simple against updates reads these metrics
     from hvd_largebatch.training.plots import plot_adaptive
 
@@ -117,6 +120,14 @@ def test_kill_and_resume_reproduces_the_decisions_bit_for_bit(reference, digits,
     assert [d["updates"] for d in at_crash["batch_decisions"]] == [5, 10, 15, 20, 25]
     assert at_crash["noise_scale"]["steps"] == 25  # the estimator's averages travel too
     shutil.copytree(tmp_path / "out", tmp_path / "crashed")
+    # a resumed run starts its decisions file from the checkpoint's (not the killed run's
+    # later ones): killed again right after its first update, the file holds updates <= 25
+    (tmp_path / "out" / "batch_decisions.json").write_text(json.dumps(
+        decisions(tmp_path / "out") + [{**at_crash["batch_decisions"][-1], "updates": 30}]))
+    again = run_ranks(MP / "train_crash.py", "26", str(cfg), "--resume", "auto", np=2,
+                      launcher="mpirun", timeout=240)
+    assert "killed after update 26" in again.stdout, again.stdout
+    assert decisions(tmp_path / "out") == at_crash["batch_decisions"]
     resumed = run_ranks(*CLI, "train", str(cfg), "--resume", "auto", np=2, launcher="mpirun",
                         timeout=240)
     assert resumed.returncode == 0, resumed.stdout
