@@ -19,7 +19,7 @@ batch never grows) and the fewest (it grows at every decision until the cap).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from ..errors import ConfigError
 from .schedule import AdaptiveBatch, Schedule
@@ -47,8 +47,7 @@ class BatchDecision:
 
     @classmethod
     def from_dict(cls, d: dict) -> BatchDecision:
-        return cls(**{k: d[k] for k in ("updates", "epoch", "iteration", "noise_scale",
-                                        "batch", "new_batch")})
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
 
 
 def next_iteration(schedule: Schedule, epoch: int, done: int) -> tuple[int, int] | None:
@@ -61,14 +60,14 @@ def next_iteration(schedule: Schedule, epoch: int, done: int) -> tuple[int, int]
     return None
 
 
-def decision_due(schedule: Schedule, updates: int, epoch: int, iteration: int, batch: int) -> bool:
+def decision_due(schedule: Schedule, updates: int, epoch: int, iteration: int) -> bool:
     """Whether a decision is taken after ``updates`` updates, the next iteration being
-    ``(epoch, iteration)`` with global batch ``batch`` (what it runs if the batch is kept). The
-    same answer on every rank: it depends on counters only."""
+    ``(epoch, iteration)``: the same answer on every rank (it depends on counters only)."""
     rule = schedule.adaptive
-    return (rule is not None and updates > 0 and updates % rule.interval == 0
-            and batch < rule.max_batch
-            and schedule.at(epoch, iteration).epoch_float >= rule.start_epoch)
+    if rule is None or updates <= 0 or updates % rule.interval:
+        return False
+    point = schedule.at(epoch, iteration)
+    return point.global_batch < rule.max_batch and point.epoch_float >= rule.start_epoch
 
 
 def grown_batch(batch: int, rule: AdaptiveBatch, world_size: int, max_per_rank_batch: int,
@@ -139,8 +138,8 @@ def update_bounds(schedule: Schedule, world_size: int, max_per_rank_batch: int,
         if epoch >= fastest.num_epochs:
             return fastest.total_updates, schedule.total_updates, fastest
         iteration = updates - before
-        batch = fastest.at(epoch, iteration).global_batch
-        if decision_due(fastest, updates, epoch, iteration, batch):
+        if decision_due(fastest, updates, epoch, iteration):
+            batch = fastest.at(epoch, iteration).global_batch
             grown = grown_batch(batch, rule, world_size, max_per_rank_batch, bn_group)
             if grown > batch:
                 fastest = fastest.with_batch_from(epoch, iteration, grown)

@@ -434,9 +434,9 @@ class Trainer:
         after = next_iteration(self.schedule, epoch, self.step)
         if after is None:
             return False
-        batch = self.schedule.at(*after).global_batch  # the next iteration's, if kept
-        if not decision_due(self.schedule, self.updates, *after, batch):
+        if not decision_due(self.schedule, self.updates, *after):
             return False
+        batch = self.schedule.at(*after).global_batch  # the next iteration's, if kept
         self.watch.mark(f"adaptive batch decision (batch.adaptive) after update {self.updates}")
         averages = self.optimizer.noise_scale_averages()
         averages = (averages.cpu() if averages is not None

@@ -141,19 +141,24 @@ def test_yaml_explicit_schedule(tmp_path, capsys):
     assert plan_json(capsys, path)["total_updates"] == 60 * 390 + 60 * 78 + 40 * 15 + 40 * 9
 
 
+def adaptive_config(tmp_path, batch: int, train: str = "") -> str:
+    """1,000 samples, 3 epochs from ``batch``, x2 up to 80 decided every 10 updates."""
+    return write(tmp_path, f"""
+        schedule:
+          dataset_size: 1000
+          epochs: 3
+          batch: {batch}
+          lr: 0.1
+          batch_increase: {{mode: adaptive, max_batch: 80, interval: 10}}
+        {train}
+    """)
+
+
 def test_adaptive_batch_bounds_by_hand(tmp_path, capsys):
     # N 1000, B 10, 3 epochs, a decision every 10 updates, x2 up to 80. Growing at every
     # decision: epoch 0 runs 10 x 10, 10 x 20, 10 x 40 (700 samples), then 3 x 80 (60
     # dropped); epochs 1-2 run 12 x 80 each: 57 updates. Never growing: 3 x 100.
-    path = write(tmp_path, """
-        schedule:
-          dataset_size: 1000
-          epochs: 3
-          batch: 10
-          lr: 0.1
-          batch_increase: {mode: adaptive, max_batch: 80, interval: 10}
-        train: {max_per_rank_batch: 100}
-    """)
+    path = adaptive_config(tmp_path, batch=10, train="train: {max_per_rank_batch: 100}")
     a = plan_json(capsys, path)["adaptive"]
     assert (a["first_batch"], a["max_batch"], a["fewest_updates"], a["most_updates"]) == \
         (10, 80, 57, 300)
@@ -170,15 +175,7 @@ def test_adaptive_batch_bounds_by_hand(tmp_path, capsys):
     assert "predicted time to train: 4.2 min (250 s;" in out
     assert "one that grows at every decision (57 updates) takes 4.0 min (238 s)" in out
     # on 3 ranks the cap rounds down to 78 (26 per rank): 10 does not split, so 12
-    path3 = write(tmp_path, """
-        schedule:
-          dataset_size: 1000
-          epochs: 3
-          batch: 12
-          lr: 0.1
-          batch_increase: {mode: adaptive, max_batch: 80, interval: 10}
-    """)
-    code, out, _ = plan(capsys, path3, "--world-size", "3")
+    code, out, _ = plan(capsys, adaptive_config(tmp_path, batch=12), "--world-size", "3")
     assert "cap 80, 78 after rounding for 3 ranks" in out
 
 

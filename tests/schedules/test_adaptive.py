@@ -221,12 +221,12 @@ def test_decide_at_the_threshold():
 
 def test_decisions_are_due_every_interval_from_start_epoch_below_the_cap():
     s = adaptive(n=1000, batch=10, epochs=3, max_batch=80, interval=10, start_epoch=1)
-    assert not decision_due(s, 90, 0, 90, 10)     # next iteration at epoch 0.9
-    assert decision_due(s, 100, 1, 0, 10)         # epoch 1.0
-    assert not decision_due(s, 105, 1, 5, 10)     # not a multiple of the interval
-    assert not decision_due(s, 110, 1, 10, 80)    # at the cap
-    assert decision_due(adaptive(max_batch=80), 100, 1, 0, 10)  # the default interval, 100
-    assert not decision_due(adaptive(max_batch=80), 0, 0, 0, 10)  # before the first update
+    assert not decision_due(s, 90, 0, 90)     # next iteration at epoch 0.9
+    assert decision_due(s, 100, 1, 0)         # epoch 1.0
+    assert not decision_due(s, 105, 1, 5)     # not a multiple of the interval
+    assert not decision_due(s.with_batch_from(1, 0, 80), 110, 1, 10)  # at the cap
+    assert decision_due(adaptive(max_batch=80), 100, 1, 0)  # the default interval, 100
+    assert not decision_due(adaptive(max_batch=80), 0, 0, 0)  # before the first update
 
 
 def test_replay_and_a_checkpoint_from_another_schedule():
