@@ -51,25 +51,26 @@ def max_weight_difference(a: dict, b: dict) -> float:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, digits):
     tmp = tmp_path_factory.mktemp("worlds")
+    # without ghost BN only 1 and 3 ranks: the contrast the BN test needs (the inputs do not
+    # depend on bn_group)
     return {(world, group): run(tmp, digits, world, group)
-            for group in (4, None) for world in (1, 2, 3)}
+            for group, worlds in ((4, (1, 2, 3)), (None, (1, 3))) for world in worlds}
 
 
 def test_inputs_of_every_step_are_bitwise_the_same_on_1_2_3_ranks(runs):
     _, one = runs[1, 4]
     assert [len(y) for _, y in one] == [24] * STEPS
-    for world in (2, 3):
-        for group in (4, None):
-            for s, ((x, y), (x1, y1)) in enumerate(zip(runs[world, group][1], one)):
-                assert torch.equal(y, y1) and torch.equal(x, x1), (world, group, s)
+    for world, group in ((2, 4), (3, 4), (1, None), (3, None)):
+        for s, ((x, y), (x1, y1)) in enumerate(zip(runs[world, group][1], one)):
+            assert torch.equal(y, y1) and torch.equal(x, x1), (world, group, s)
 
 
 def test_ghost_batch_norm_makes_weights_agree_across_world_sizes(runs):
     with_group = [max_weight_difference(runs[1, 4][0], runs[w, 4][0]) for w in (2, 3)]
-    without = [max_weight_difference(runs[1, None][0], runs[w, None][0]) for w in (2, 3)]
-    print(f"max |w_1 - w_W| for W = 2, 3: bn_group 4: {with_group}; no bn_group: {without}")
+    without = max_weight_difference(runs[1, None][0], runs[3, None][0])
+    print(f"max |w_1 - w_W| for W = 2, 3: bn_group 4: {with_group}; no bn_group, W = 3: {without}")
     assert max(with_group) < BN_GROUP_TOLERANCE
-    assert min(without) > 100 * BN_GROUP_TOLERANCE  # per-rank BN statistics change the run
+    assert without > 100 * BN_GROUP_TOLERANCE  # per-rank BN statistics change the run
 
 
 def test_kill_and_resume_on_3_ranks_is_bit_identical_with_deterministic(digits, tmp_path):  # noqa: F811
